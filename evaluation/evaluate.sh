@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Evaluate generated images against real ones:  bash evaluate.sh REAL_DIR GEN_DIR [extra flags...]
+# Writes the report to stdout and the figures to GEN_DIR/../eval_<gen folder name>.json.
+# Offline machines: add --inception_weights /path/to/pt_inception-2015-12-05-6726825d.pth
+#                   and --vgg_weights /path/to/vgg16-397923af.pth (see README.md).
+set -euo pipefail
+if [ "$#" -lt 2 ]; then echo "usage: bash evaluate.sh REAL_DIR GEN_DIR [extra flags]" >&2; exit 2; fi
+REAL=$1; GEN=$2; shift 2
+JSON="$(cd "$(dirname "$GEN")" && pwd)/eval_$(basename "$GEN").json"
+cd "$(dirname "$0")"
+python precision_recall.py \
+  --real "$REAL" \
+  --gen "$GEN" \
+  --batch_size 32 \
+  --metrics fid,precision,recall \
+  --num_workers 4 \
+  --json "$JSON" \
+  "$@"
