@@ -1,0 +1,251 @@
+"""Image/mask pairs for ControlNet training: pairing, up-front validation, loading, identical augmentation.
+
+    data_root/images/001.png  <->  data_root/masks/001.png         (same stem; extensions may differ)
+    data_root/images/Img_001.png <-> data_root/masks/seg_001.png   (--image_prefix Img_ --mask_prefix seg_)
+
+Images become tensors in [-1, 1] with the LDM's channel count; masks keep their original values (scaled to
+[0, 1]: 8-bit /255, 16-bit /65535) and are resized with nearest neighbour only, so no new value appears.
+Used by train.py and inference.py; nothing to run here.
+"""
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from models import UserError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+ONE_CHANNEL_MODES = ("1", "L", "LA", "P", "I", "I;16", "I;16B", "I;16L", "I;16N")
+THREE_CHANNEL_MODES = ("RGB", "RGBA")
+
+
+def list_images(folder, what):
+    """Sorted image files of a folder; UserError when it is missing, empty, or has two files with one stem."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{what} {folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise UserError(f"{what} {folder} has no images ({', '.join(IMAGE_EXTS)})")
+    seen = {}
+    for p in files:
+        if p.stem in seen:
+            raise UserError(f"{what} {folder}: {seen[p.stem].name} and {p.name} share the stem '{p.stem}'; "
+                            f"keep one of them")
+        seen[p.stem] = p
+    return files
+
+
+def _key(stem, prefix):
+    """Pairing key of a file stem: the stem without its prefix; None when the prefix is absent."""
+    if not prefix:
+        return stem
+    return stem[len(prefix):] if stem.startswith(prefix) else None
+
+
+def pair_files(images_dir, masks_dir, image_prefix="", mask_prefix=""):
+    """Pair images with masks by stem (after removing the prefixes): (pairs, unpaired_images, unpaired_masks)."""
+    images = list_images(images_dir, "images folder")
+    masks = list_images(masks_dir, "masks folder")
+    mask_by_key = {}
+    unpaired_masks = []
+    for m in masks:
+        k = _key(m.stem, mask_prefix)
+        (unpaired_masks.append(m) if k is None else mask_by_key.__setitem__(k, m))
+    pairs, unpaired_images, used = [], [], set()
+    for im in images:
+        k = _key(im.stem, image_prefix)
+        if k is not None and k in mask_by_key:
+            pairs.append((im, mask_by_key[k]))
+            used.add(k)
+        else:
+            unpaired_images.append(im)
+    unpaired_masks += [m for k, m in mask_by_key.items() if k not in used]
+    return pairs, unpaired_images, sorted(unpaired_masks)
+
+
+def describe_unpaired(unpaired_images, unpaired_masks, show=5):
+    """One line naming how many files are unpaired and the first few of each kind."""
+    parts = []
+    for files, what in ((unpaired_images, "image(s) without a mask"), (unpaired_masks, "mask(s) without an image")):
+        if files:
+            names = ", ".join(p.name for p in files[:show]) + (", ..." if len(files) > show else "")
+            parts.append(f"{len(files)} {what}: {names}")
+    return "; ".join(parts)
+
+
+def check_mask_mode(path, mode, mask_channels):
+    """UserError naming the file when a mask's channel count differs from --mask_channels."""
+    ch = 1 if mode in ONE_CHANNEL_MODES else 3 if mode in THREE_CHANNEL_MODES else None
+    if ch is None:
+        raise UserError(f"mask {path} has the unsupported image mode {mode}; save it as 8/16-bit grayscale or RGB")
+    if ch != mask_channels:
+        raise UserError(f"mask {path} has {ch} channel(s) (mode {mode}) but --mask_channels is {mask_channels}; "
+                        f"pass --mask_channels {ch} or convert the masks")
+
+
+def verify_file(path, what):
+    """Open and verify an image header cheaply; returns its mode; UserError naming the file if unreadable."""
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            im.verify()
+        return mode
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{what} {path} is not a readable image ({type(e).__name__}: {str(e)[:100]}); "
+                        f"remove or replace it")
+
+
+def validate_pairs(pairs, mask_channels):
+    """Verify every image and mask header up front; check each mask's channel count."""
+    for im, m in pairs:
+        verify_file(im, "image")
+        check_mask_mode(m, verify_file(m, "mask"), mask_channels)
+
+
+def read_class_labels(csv_path, class_names):
+    """Read `stem,class_name` rows (a header row is allowed) -> dict stem -> class index."""
+    path = Path(csv_path)
+    if not path.is_file():
+        raise UserError(f"--class_labels_csv {path} does not exist")
+    index = {n: i for i, n in enumerate(class_names)}
+    labels = {}
+    with open(path, newline="") as f:
+        for row_no, row in enumerate(csv.reader(f), 1):
+            row = [c.strip() for c in row]
+            if not row or not any(row):
+                continue
+            if len(row) < 2:
+                raise UserError(f"--class_labels_csv {path} line {row_no}: expected 'stem,class_name'")
+            stem, name = row[0], row[1]
+            if row_no == 1 and name not in index and name.lower() in ("class", "class_name", "label", "name"):
+                continue
+            if name not in index:
+                raise UserError(f"--class_labels_csv {path} line {row_no}: unknown class '{name}'; the LDM's "
+                                f"classes are: {', '.join(class_names)}")
+            labels[Path(stem).stem] = index[name]
+    if not labels:
+        raise UserError(f"--class_labels_csv {path} has no rows")
+    return labels
+
+
+# ------------------------------------------------------------------------------------------------- loading
+def _to_array(path, what):
+    """Fully decode an image: (array HxW or HxWxC, max value of its type); UserError naming broken files."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("RGBA", "LA") or (mode == "P" and what == "image"):
+                im = im.convert("RGB" if mode in ("RGBA", "P") else "L")  # alpha dropped
+            elif mode == "1":
+                return np.asarray(im, dtype=np.uint8), 1.0
+            arr = np.asarray(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{what} {path} cannot be decoded ({type(e).__name__}: {str(e)[:100]}); remove or replace it")
+    if arr.dtype == np.uint8:
+        return arr, 255.0
+    if mode.startswith("I"):
+        # 16-bit PNGs (mode I;16 or I): scale the full 16-bit range explicitly, never clip to 8 bit.
+        return arr.astype(np.float64), 65535.0
+    raise UserError(f"{what} {path} has the unsupported image mode {mode}")
+
+
+def load_image(path, channels, size):
+    """Image file -> float tensor (channels, size, size) in [-1, 1] (bilinear antialiased resize)."""
+    arr, top = _to_array(path, "image")
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32) / np.float32(top))
+    x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+    if x.shape[0] != channels:  # RGB -> gray by ITU-R 601 luma, gray -> RGB by repetition
+        x = (x[0:1] * 0.299 + x[1:2] * 0.587 + x[2:3] * 0.114) if channels == 1 else x[:1].expand(3, -1, -1)
+    if tuple(x.shape[1:]) != (size, size):
+        x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    return (x * 2 - 1).clamp(-1, 1).contiguous()
+
+
+def load_mask(path, channels, size):
+    """Mask file -> float tensor (channels, size, size) in [0, 1]; nearest-neighbour resize keeps its values."""
+    with Image.open(path) as im:
+        check_mask_mode(path, im.mode, channels)
+    arr, top = _to_array(path, "mask")
+    if arr.ndim == 3:
+        arr = arr[..., :channels]
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32) / np.float32(top))
+    x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+    if tuple(x.shape[1:]) != (size, size):
+        # nearest-exact picks one source pixel per output pixel: never blurs a label boundary.
+        x = F.interpolate(x[None], size=(size, size), mode="nearest-exact")[0]
+    return x.contiguous()
+
+
+def flips_for(seed, epoch, index, hflip, vflip):
+    """(horizontal, vertical) flip decisions: a function of (seed, epoch, sample index) only."""
+    rng = np.random.default_rng([int(seed), int(epoch), int(index)])
+    h, v = rng.random(2)
+    return bool(hflip and h < 0.5), bool(vflip and v < 0.5)
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Image/mask pairs; item key (index, epoch) draws flips for that epoch, a plain index does none."""
+
+    def __init__(self, pairs, image_channels, mask_channels, image_size, labels=None, null_label=0,
+                 seed=0, hflip=False, vflip=False):
+        self.pairs, self.labels = list(pairs), labels
+        self.image_channels, self.mask_channels, self.image_size = image_channels, mask_channels, image_size
+        self.null_label, self.seed, self.hflip, self.vflip = null_label, seed, hflip, vflip
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, None)
+        im_path, mask_path = self.pairs[index]
+        image = load_image(im_path, self.image_channels, self.image_size)
+        mask = load_mask(mask_path, self.mask_channels, self.image_size)
+        if epoch is not None:
+            h, v = flips_for(self.seed, epoch, index, self.hflip, self.vflip)
+            dims = ([2] if h else []) + ([1] if v else [])
+            if dims:  # the same flip for image and mask, so the pair stays aligned
+                image, mask = image.flip(dims), mask.flip(dims)
+        label = self.null_label if self.labels is None else self.labels[index]
+        return {"image": image, "mask": mask, "label": torch.tensor(label, dtype=torch.long),
+                "index": torch.tensor(index, dtype=torch.long)}
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's share of a (seed, epoch) permutation, in whole global batches, from batch `start` on."""
+
+    def __init__(self, indices, batch_size, world_size, rank, seed, shuffle=True):
+        self.indices, self.batch_size, self.world_size, self.rank = list(indices), batch_size, world_size, rank
+        self.seed, self.shuffle, self.epoch, self.start = seed, shuffle, 0, 0
+
+    def batches_per_epoch(self):
+        """Global batches per epoch (the last incomplete one is dropped so every rank steps together)."""
+        return len(self.indices) // (self.batch_size * self.world_size)
+
+    def set_epoch(self, epoch, start=0):
+        """Epoch whose permutation to use, and how many of its batches were already consumed."""
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        order = self.indices
+        if self.shuffle:
+            perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            order = [order[i] for i in perm.tolist()]
+        g = self.batch_size * self.world_size
+        for b in range(self.start, self.batches_per_epoch()):
+            for i in order[b * g + self.rank * self.batch_size: b * g + (self.rank + 1) * self.batch_size]:
+                yield (i, self.epoch) if self.shuffle else i
+
+    def __len__(self):
+        return (self.batches_per_epoch() - self.start) * self.batch_size
+
+
+def split_indices(n, val_fraction, seed):
+    """Deterministic (train, val) index split; val gets round(n * fraction) items (at least 1 if fraction > 0)."""
+    n_val = 0 if val_fraction <= 0 else max(1, int(round(n * val_fraction)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[n_val:]), sorted(perm[:n_val])

@@ -1,0 +1,309 @@
+"""Generate images that follow segmentation masks with a trained ControlNet on top of its LDM.
+
+    python inference.py --checkpoint ./controlnet_checkpoints/checkpoint_best.pt \
+        --ldm_checkpoint ../ldm/ldm_checkpoints/checkpoint_best.pt --mask mask.png --output_dir ./generated \
+        --controlnet_scale 1.0 --save_comparison [--report_dice]
+    python inference.py ... --mask_folder masks/ --num_images 4 --scheduler dpmsolver --num_inference_steps 20
+
+Writes OUTPUT_DIR/<checkpoint>-step<N>-<ema|raw>-<scheduler><steps>-scale<s>[-<class>-cfg<g>]/
+<mask_stem>[_<class>]_seed<seed>.png (image i of the run uses seed + i), comparisons/ (mask | generated) with
+--save_comparison and dice.csv with --report_dice. Existing images are never overwritten: a rerun skips them.
+"""
+import argparse
+import contextlib
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dataset import IMAGE_EXTS, check_mask_mode, list_images, load_mask, read_class_labels, verify_file
+from models import (SCHEDULERS, ClassEmbedder, ControlledUNet, DummyEncoder, UserError, check_same_ldm, decode,
+                    initial_latents, load_ldm, load_plain_checkpoint, make_sampler, sample)
+from diffusers import ControlNetModel
+
+
+def parse_args(argv=None):
+    """Command line -> argparse.Namespace (both -/_ spellings of every flag)."""
+    p = argparse.ArgumentParser(description="Generate mask-guided images with a trained ControlNet.")
+
+    def add(name, **kw):
+        p.add_argument(f"--{name}", *([f"--{name.replace('_', '-')}"] if "_" in name else []), **kw)
+
+    add("checkpoint", required=True, help="ControlNet checkpoint (checkpoint_best.pt of train.py)")
+    add("ldm_checkpoint", required=True, help="the LDM checkpoint the ControlNet was trained from")
+    add("vae", default=None, help="override the VAE folder recorded in the LDM checkpoint")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--mask", help="one mask image")
+    src.add_argument("--mask_folder", "--mask-folder", help="a folder of mask images")
+    add("output_dir", default="./generated")
+    add("num_images", type=int, default=1, help="images per mask")
+    add("controlnet_scale", type=float, default=1.0, help="mask influence: 0 ignores the mask, 1 normal")
+    add("num_inference_steps", type=int, default=50)
+    add("scheduler", default="ddim", choices=SCHEDULERS, help="ddpm | ddim | dpmsolver (DPM-Solver++)")
+    add("seed", type=int, default=42, help="image i of the run uses seed + i")
+    add("batch_size", type=int, default=16)
+    add("class_label", default=None, help="class name for every mask (ControlNets trained with class labels)")
+    add("class_labels_csv", default=None, help="CSV of 'mask_stem,class_name' rows: a class per mask")
+    add("cfg_scale", type=float, default=1.0, help="classifier-free guidance towards the class (1: none)")
+    add("no_ema", action="store_true", help="use the raw ControlNet weights instead of the EMA")
+    add("mixed_precision", default="no", choices=("no", "fp16", "bf16"),
+        help="autocast for sampling: fp16 on CUDA, bf16 where the hardware supports it")
+    add("save_comparison", action="store_true", help="also write mask | generated side by side")
+    add("report_dice", action="store_true", help="Dice of mask vs thresholded image, printed and in dice.csv")
+    add("dice_threshold", default="otsu", help="'otsu' or a grey level in [0, 1] for the image foreground")
+    add("dice_foreground", default="bright", choices=("bright", "dark"), help="which side of the threshold")
+    add("trust_checkpoint", action="store_true", help="allow checkpoints that hold pickled Python objects")
+    args = p.parse_args(argv)
+    for flag, ok in (("num_images", args.num_images >= 1), ("controlnet_scale", args.controlnet_scale >= 0),
+                     ("num_inference_steps", args.num_inference_steps >= 1), ("batch_size", args.batch_size >= 1),
+                     ("cfg_scale", args.cfg_scale >= 0)):
+        if not ok:
+            raise UserError(f"--{flag} is out of range: {getattr(args, flag)}")
+    if args.dice_threshold != "otsu":
+        try:
+            if not 0 <= float(args.dice_threshold) <= 1:
+                raise ValueError
+        except ValueError:
+            raise UserError(f"--dice_threshold must be 'otsu' or a number in [0, 1], got {args.dice_threshold}")
+    return args
+
+
+def otsu_threshold(gray):
+    """Otsu's threshold of a uint8 image (hand-written: scikit-image is not a dependency)."""
+    hist = np.bincount(gray.ravel(), minlength=256).astype(np.float64)
+    p = hist / max(hist.sum(), 1)
+    w0 = np.cumsum(p)
+    mu = np.cumsum(p * np.arange(256))
+    between = (mu[-1] * w0 - mu) ** 2 / np.maximum(w0 * (1 - w0), 1e-12)
+    return int(np.argmax(between[:-1]))  # foreground is > threshold
+
+
+def dice(mask_fg, image_fg):
+    """Dice overlap of two boolean arrays (1.0 when both are empty)."""
+    a, b = mask_fg.sum(), image_fg.sum()
+    return 1.0 if a + b == 0 else float(2 * np.logical_and(mask_fg, image_fg).sum() / (a + b))
+
+
+def to_uint8(x):
+    """(C, H, W) in [-1, 1] -> uint8 HxW (1 channel) or HxWx3."""
+    a = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return a[..., 0] if a.shape[2] == 1 else a
+
+
+def write_png_new(array, path):
+    """Write a PNG that must not exist yet: temp file + os.link (fails if another run wrote it first)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        Image.fromarray(array).save(tmp, format="PNG")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # a concurrent run wrote the same image (same seed, same settings): keep theirs
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def autocast_dtype(requested, device):
+    """Autocast dtype for --mixed_precision on this device (None: fp32); fp16 only on CUDA."""
+    if requested == "no":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if requested == "bf16" and torch.cuda.is_bf16_supported() else torch.float16
+    if requested == "fp16":
+        print("warning: fp16 needs CUDA; sampling in " + ("bf16" if torch.cpu._is_avx512_bf16_supported()
+                                                          else "fp32"), file=sys.stderr)
+        return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else None
+    return torch.bfloat16
+
+
+def load_controlnet(args):
+    """Checkpoint + LDM -> (model, ldm, checkpoint dict); refuses a checkpoint of another LDM."""
+    ck = load_plain_checkpoint(args.checkpoint, "--checkpoint", args.trust_checkpoint)
+    if not isinstance(ck, dict) or ck.get("model_type") != "controlnet":
+        kind = ck.get("model_type", "no model_type") if isinstance(ck, dict) else type(ck).__name__
+        raise UserError(f"--checkpoint {args.checkpoint} is not a ControlNet checkpoint (it is: {kind})"
+                        + ("; it goes to --ldm_checkpoint" if kind == "ldm" else ""))
+    ldm = load_ldm(args.ldm_checkpoint, args.trust_checkpoint, args.vae)
+    check_same_ldm(ck.get("ldm_fingerprint"), ldm.fingerprint, args.checkpoint, args.ldm_checkpoint,
+                   ck.get("ldm_checkpoint"))
+    controlnet = ControlNetModel.from_config(ck["controlnet_config"])
+    controlnet.load_state_dict(ck["ema_controlnet"] if ck.get("ema_controlnet") and not args.no_ema
+                               else ck["controlnet"])
+    if ck.get("unet") is not None:
+        ldm.unet.load_state_dict(ck["unet"])
+    dim = ldm.unet.config.cross_attention_dim
+    encoder = ClassEmbedder(ldm.num_classes, dim) if ck["encoder_type"] == "class" else DummyEncoder(dim)
+    encoder.load_state_dict(ck["encoder"])
+    model = ControlledUNet(ldm.unet, controlnet, encoder).eval().requires_grad_(False)
+    return model, ldm, ck
+
+
+def main(argv=None):
+    """Entry point: UserError -> `error: ...` on stderr and exit 2."""
+    try:
+        return generate(parse_args(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def generate(args):
+    """Validate everything, then write the images (see the module docstring)."""
+    from tqdm import tqdm
+
+    if args.mask:
+        if Path(args.mask).suffix.lower() not in IMAGE_EXTS or not Path(args.mask).is_file():
+            raise UserError(f"--mask {args.mask} is not an image file ({', '.join(IMAGE_EXTS)})")
+        masks = [Path(args.mask)]
+    else:
+        masks = list_images(args.mask_folder, "--mask_folder")
+    model, ldm, ck = load_controlnet(args)
+    mc = int(ck["mask_channels"])
+    for m in masks:  # every mask checked before any work or write
+        check_mask_mode(m, verify_file(m, "mask"), mc)
+    class_names = ldm.class_names
+    per_mask = [None] * len(masks)
+    if args.class_label is not None or args.class_labels_csv:
+        if ck["encoder_type"] != "class":
+            raise UserError(f"{args.checkpoint} was trained without class labels; drop --class_label/"
+                            f"--class_labels_csv")
+        if args.class_label is not None:
+            if args.class_label not in class_names:
+                raise UserError(f"--class_label '{args.class_label}' is not a class of this LDM; valid: "
+                                f"{', '.join(class_names)}")
+            per_mask = [class_names.index(args.class_label)] * len(masks)
+        else:
+            by_stem = read_class_labels(args.class_labels_csv, class_names)
+            missing = [m.name for m in masks if m.stem not in by_stem]
+            if missing:
+                raise UserError(f"--class_labels_csv has no class for {len(missing)} mask(s): {', '.join(missing[:5])}")
+            per_mask = [by_stem[m.stem] for m in masks]
+    null = ldm.num_classes
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model.to(device)
+    ldm.vae.to(device)
+    amp = autocast_dtype(args.mixed_precision, device)
+
+    step = ck.get("global_step", 0)
+    tag = f"{Path(args.checkpoint).stem}-step{step}-{'raw' if args.no_ema else 'ema'}-{args.scheduler}" \
+          f"{args.num_inference_steps}-scale{args.controlnet_scale:g}"
+    if amp is not None:
+        tag += f"-{str(amp).split('.')[-1]}"
+    if args.class_label is not None:
+        tag += f"-{args.class_label}-cfg{args.cfg_scale:g}"
+    elif args.class_labels_csv:
+        tag += f"-csvclasses-cfg{args.cfg_scale:g}"
+    out = Path(args.output_dir) / tag
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.save_comparison:
+            (out / "comparisons").mkdir(exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write --output_dir {args.output_dir}: {e.strerror or e}")
+
+    jobs = []  # (mask index, seed, file name)
+    for mi, m in enumerate(masks):
+        cls = "" if per_mask[mi] is None else f"_{class_names[per_mask[mi]]}"
+        for j in range(args.num_images):
+            seed = args.seed + mi * args.num_images + j
+            jobs.append((mi, seed, f"{m.stem}{cls}_seed{seed}.png"))
+    todo = [j for j in jobs if not (out / j[2]).exists()]
+    print(f"{len(jobs)} image(s) for {len(masks)} mask(s) -> {out} ({len(jobs) - len(todo)} already there, "
+          f"skipped); {args.scheduler} {args.num_inference_steps} steps, controlnet_scale {args.controlnet_scale:g}"
+          f", device {device}")
+
+    size = ldm.image_size
+    shape = (ldm.latent_channels, ldm.latent_size, ldm.latent_size)
+    mask_cache = {}
+
+    def mask_of(mi):
+        if mi not in mask_cache:
+            mask_cache.clear()  # masks come in order: keep only the current one in memory
+            mask_cache[mi] = load_mask(masks[mi], mc, size)
+        return mask_cache[mi]
+
+    t0 = time.time()
+    n_batches = 0
+    for b in tqdm(range(0, len(todo), args.batch_size), desc="batches", disable=not todo):
+        batch = todo[b:b + args.batch_size]
+        mask_t = torch.stack([mask_of(mi) for mi, _, _ in batch]).to(device)
+        labels = torch.tensor([null if per_mask[mi] is None else per_mask[mi] for mi, _, _ in batch],
+                              device=device)
+        lat, gens = initial_latents([s for _, s, _ in batch], shape)
+        sampler = make_sampler(args.scheduler, ldm.noise_scheduler_config)
+        with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+            x = sample(model, sampler, lat.to(device), labels, mask_t, args.num_inference_steps,
+                       controlnet_scale=args.controlnet_scale, generators=gens,
+                       cfg_scale=args.cfg_scale if per_mask[0] is not None else 1.0, null_label=null)
+        with torch.no_grad():
+            imgs = decode(ldm.vae, x.float(), ldm.scaling_factor, ldm.image_channels).cpu()
+        n_batches += 1
+        for (mi, seed, name), img, m in zip(batch, imgs, mask_t.cpu()):
+            write_png_new(to_uint8(img), out / name)
+            if args.save_comparison:
+                write_png_new(comparison(m, img), out / "comparisons" / name)
+    elapsed = time.time() - t0
+
+    if args.report_dice:
+        report_dice(args, jobs, masks, mc, size, out, class_names, per_mask)
+    n = len(todo)
+    print(f"Generated {n} image(s) in {elapsed:.2f} s, {args.num_inference_steps} steps each"
+          + (f": {elapsed / n:.3f} s/image, {elapsed / max(n_batches * args.num_inference_steps, 1):.4f} s/step "
+             f"(batch of up to {args.batch_size})" if n else ""))
+    print(f"Images in {out}" + (f"; comparisons (mask | generated) in {out / 'comparisons'}"
+                                if args.save_comparison else ""))
+    return out
+
+
+def comparison(mask, img):
+    """mask | generated as one uint8 array, upscaled (nearest) to at least 128 px high for viewing."""
+    c = max(mask.shape[0], img.shape[0])
+    m = mask * 2 - 1
+    m, g = (t.expand(c, -1, -1) if t.shape[0] == 1 else t for t in (m, img))
+    pad = torch.ones(c, img.shape[1], 2)
+    both = torch.cat([m, pad, g], dim=2)
+    k = max(1, -(-128 // img.shape[1]))
+    both = both.repeat_interleave(k, 1).repeat_interleave(k, 2)
+    return to_uint8(both)
+
+
+def report_dice(args, jobs, masks, mc, size, out, class_names, per_mask):
+    """Dice between each mask's foreground (any non-zero value) and its image's thresholded foreground."""
+    rows = []
+    for mi, seed, name in jobs:
+        gray = np.asarray(Image.open(out / name).convert("L"))
+        thr = otsu_threshold(gray) if args.dice_threshold == "otsu" else round(float(args.dice_threshold) * 255)
+        img_fg = gray > thr if args.dice_foreground == "bright" else gray <= thr
+        mask_fg = (load_mask(masks[mi], mc, size) > 0).any(0).numpy()
+        d = dice(mask_fg, img_fg)
+        cls = "" if per_mask[mi] is None else class_names[per_mask[mi]]
+        rows.append({"image": name, "mask": str(masks[mi]), "seed": seed, "class": cls, "threshold": thr,
+                     "dice": f"{d:.4f}"})
+        print(f"dice {d:.4f}  {name} (threshold {thr})")
+    path = out / "dice.csv"
+    tmp = out / f".dice.csv.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror or e}")
+    print(f"mean Dice {np.mean([float(r['dice']) for r in rows]):.4f} over {len(rows)} image(s); per image in {path}")
+
+
+if __name__ == "__main__":
+    main()

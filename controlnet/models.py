@@ -1,0 +1,345 @@
+"""ControlNet parts: rebuild the LDM from its checkpoint, build the ControlNet from its UNet, sample.
+
+Used by train.py and inference.py (nothing to run here). Everything is built from diffusers parts:
+the LDM checkpoint (written by ../ldm/train.py, read here through its documented format only) gives the
+UNet2DConditionModel, the class embedder, the AutoencoderKL and the noise schedule; the ControlNet is
+`diffusers.ControlNetModel.from_unet(unet)` with its conditioning embedding sized so that a mask at image
+resolution lands exactly on the latent grid.
+"""
+import copy
+import hashlib
+import json
+import math
+import os
+import pickle
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, DDPMScheduler,
+                       DPMSolverMultistepScheduler, UNet2DConditionModel)
+
+SCHEDULERS = ("ddpm", "ddim", "dpmsolver")
+LDM_KEYS = ("unet_config", "unet", "class_embedder", "num_classes", "class_names", "vae", "vae_scaling_factor",
+            "image_size", "image_channels", "noise_scheduler_config")
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as `error: <msg>` with exit code 2, no traceback."""
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def load_plain_checkpoint(path, flag, trust=False):
+    """torch.load a checkpoint safely; UserError naming `flag` and the file when it is not a plain checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag} {path} does not exist (or is not a file)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise UserError(f"{flag} {path} is not a checkpoint file ({str(e).splitlines()[0][:120]})")
+        if not trust:
+            raise UserError(f"{path} is not a plain checkpoint (it holds pickled Python objects, which can run "
+                            f"code when loaded). If you trust this file, pass --trust_checkpoint to load it anyway.")
+    except Exception as e:  # truncated zip, text file, ... (torch raises many types here)
+        raise UserError(f"{flag} {path} is not a checkpoint file ({type(e).__name__}: {str(e)[:120]})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"{flag} {path} could not be loaded even with --trust_checkpoint ({e})")
+
+
+def plain(obj):
+    """Config values as plain Python (lists, dicts, str, numbers) so weights_only loading accepts them."""
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def weights_sha256(state_dict):
+    """sha256 over the names and raw bytes of a state dict (order independent, dtype exact)."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        t = state_dict[k].detach().to("cpu").contiguous().reshape(-1)
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def ldm_fingerprint(unet_config, unet_state):
+    """What a ControlNet records about the LDM it was trained from: hashes of the UNet config and weights."""
+    cfg = json.dumps(plain(dict(unet_config)), sort_keys=True)
+    return {"unet_config_sha256": hashlib.sha256(cfg.encode()).hexdigest(),
+            "unet_weights_sha256": weights_sha256(unet_state)}
+
+
+def check_same_ldm(recorded, actual, ckpt_path, ldm_path, recorded_path=None):
+    """Refuse a ControlNet checkpoint used with another LDM than the one it was trained from."""
+    if recorded is None:
+        raise UserError(f"{ckpt_path} does not record the LDM it was trained from; it was not written by "
+                        f"controlnet/train.py")
+    if recorded != actual:
+        what = "UNet configs" if recorded["unet_config_sha256"] != actual["unet_config_sha256"] else "UNet weights"
+        raise UserError(f"{ckpt_path} was trained from another LDM ({what} differ: recorded "
+                        f"{recorded['unet_weights_sha256'][:12]}, --ldm_checkpoint {ldm_path} has "
+                        f"{actual['unet_weights_sha256'][:12]}); pass the LDM checkpoint it was trained from"
+                        + (f" ({recorded_path})" if recorded_path else ""))
+
+
+# ---------------------------------------------------------------------------------------------- conditioning
+class ClassEmbedder(nn.Module):
+    """The LDM's class embedder: labels (B,) -> (B, 1, dim); index num_classes is the learned null class."""
+
+    def __init__(self, num_classes, dim):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, labels):
+        return self.embedding(labels).unsqueeze(1)
+
+
+class DummyEncoder(nn.Module):
+    """One learned vector used as encoder_hidden_states when there is no class: labels (B,) -> (B, 1, dim)."""
+
+    def __init__(self, dim, init=None):
+        super().__init__()
+        # Starting from the LDM's null-class embedding makes the untrained ControlNet reproduce the LDM's
+        # unconditional model exactly (controlnet_scale 0 == plain LDM).
+        self.embedding = nn.Parameter(torch.zeros(1, 1, dim) if init is None else init.detach().clone().view(1, 1, dim))
+
+    def forward(self, labels):
+        return self.embedding.expand(labels.shape[0], -1, -1)
+
+
+class ControlledUNet(nn.Module):
+    """UNet + ControlNet + encoder in one module, so accelerate/DDP wraps whatever of them is trained."""
+
+    def __init__(self, unet, controlnet, encoder):
+        super().__init__()
+        self.unet, self.controlnet, self.encoder = unet, controlnet, encoder
+
+    def forward(self, latents, timesteps, labels, mask, controlnet_scale=1.0):
+        ehs = self.encoder(labels)
+        down = mid = None
+        if controlnet_scale != 0:  # scale 0: the mask is ignored, the ControlNet is not even run
+            down, mid = self.controlnet(latents, timesteps, encoder_hidden_states=ehs, controlnet_cond=mask,
+                                        conditioning_scale=float(controlnet_scale), return_dict=False)
+        return self.unet(latents, timesteps, encoder_hidden_states=ehs, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid, return_dict=False)[0]
+
+
+def conditioning_widths(vae_factor):
+    """Widths of the ControlNet's mask encoder: one stride-2 conv per factor of 2 of the VAE downsampling."""
+    # diffusers' default (16, 32, 96, 256) downsamples by 8 (3 stride-2 convs) and only fits a factor-8 VAE;
+    # the demo VAE downsamples by 4, so the mask encoder needs log2(factor) stride-2 convs instead.
+    n = int(round(math.log2(vae_factor)))
+    if 2 ** n != vae_factor:
+        raise UserError(f"the VAE downsamples by {vae_factor}, which is not a power of 2")
+    base = [16, 32, 96, 256]
+    return tuple(base[: n + 1] if n + 1 <= len(base) else base + [256] * (n + 1 - len(base)))
+
+
+def build_controlnet(unet, mask_channels, vae_factor):
+    """A ControlNetModel whose encoder copies the UNet's (conv_in, time embedding, down and mid blocks)."""
+    try:
+        return ControlNetModel.from_unet(unet, conditioning_channels=mask_channels,
+                                         conditioning_embedding_out_channels=conditioning_widths(vae_factor))
+    except ValueError as e:
+        raise UserError(f"the LDM's UNet cannot be turned into a ControlNet: {e}")
+
+
+# ----------------------------------------------------------------------------------------------------- LDM
+class LDM:
+    """The parts of an LDM checkpoint: unet, class_embedder, vae and the facts needed around them."""
+
+
+def load_vae(ref, ldm_path):
+    """AutoencoderKL from a local diffusers folder (absolute, or relative to cwd / the checkpoint) or hub id."""
+    candidates = [Path(ref)] if os.path.isabs(ref) else [Path(ref), Path(ldm_path).parent / ref]
+    for c in candidates:
+        if c.is_dir():
+            try:
+                return AutoencoderKL.from_pretrained(c), str(c.resolve())
+            except Exception as e:
+                raise UserError(f"cannot load the VAE folder {c} named by {ldm_path}: {e}")
+    try:
+        return AutoencoderKL.from_pretrained(ref), ref
+    except Exception as e:
+        raise UserError(f"cannot load the VAE '{ref}' named by {ldm_path} ({type(e).__name__}); pass --vae with "
+                        f"the path of a local diffusers AutoencoderKL folder")
+
+
+def load_ldm(path, trust=False, vae_override=None, use_ema=True):
+    """Rebuild the LDM (EMA weights when present) from its checkpoint; UserError on anything else."""
+    ck = load_plain_checkpoint(path, "--ldm_checkpoint", trust)
+    if not isinstance(ck, dict) or ck.get("model_type") != "ldm":
+        kind = ck.get("model_type", "no model_type") if isinstance(ck, dict) else type(ck).__name__
+        raise UserError(f"--ldm_checkpoint {path} is not an LDM checkpoint (it is: {kind}); pass the "
+                        f"checkpoint_best.pt written by ldm/train.py")
+    missing = [k for k in LDM_KEYS if k not in ck]
+    if missing:
+        raise UserError(f"--ldm_checkpoint {path} lacks {', '.join(missing)}; was it written by ldm/train.py?")
+    ldm = LDM()
+    ldm.path = str(path)
+    ldm.unet_config = dict(ck["unet_config"])
+    try:
+        ldm.unet = UNet2DConditionModel.from_config(ldm.unet_config)
+    except Exception as e:
+        raise UserError(f"--ldm_checkpoint {path}: its unet_config does not build a UNet2DConditionModel ({e})")
+    unet_sd = ck["ema_unet"] if use_ema and ck.get("ema_unet") is not None else ck["unet"]
+    emb_sd = (ck["ema_class_embedder"] if use_ema and ck.get("ema_class_embedder") is not None
+              else ck["class_embedder"])
+    try:
+        ldm.unet.load_state_dict(unet_sd)
+        ldm.num_classes = int(ck["num_classes"])
+        ldm.class_names = list(ck["class_names"])
+        ldm.class_embedder = ClassEmbedder(ldm.num_classes, int(ldm.unet.config.cross_attention_dim))
+        ldm.class_embedder.load_state_dict(emb_sd)
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"--ldm_checkpoint {path}: weights do not match its stored config ({str(e)[:200]})")
+    ldm.fingerprint = ldm_fingerprint(ldm.unet_config, unet_sd)
+    ldm.vae, ldm.vae_ref = load_vae(vae_override or ck["vae"], path)
+    ldm.scaling_factor = float(ck["vae_scaling_factor"])
+    ldm.image_size = int(ck["image_size"])
+    ldm.image_channels = int(ck["image_channels"])
+    ldm.noise_scheduler_config = dict(ck["noise_scheduler_config"])
+    ldm.vae_factor = 2 ** (len(ldm.vae.config.block_out_channels) - 1)
+    ldm.latent_channels = int(ldm.vae.config.latent_channels)
+    ldm.latent_size = ldm.image_size // ldm.vae_factor
+    if ldm.latent_channels != ldm.unet.config.in_channels:
+        raise UserError(f"the VAE {ldm.vae_ref} has {ldm.latent_channels} latent channels but the LDM's UNet "
+                        f"expects {ldm.unet.config.in_channels}; pass the VAE the LDM was trained with (--vae)")
+    for m in (ldm.unet, ldm.class_embedder, ldm.vae):
+        m.requires_grad_(False).eval()
+    return ldm
+
+
+# ------------------------------------------------------------------------------------------------ the maths
+def encode(vae, images, scaling_factor, generator=None):
+    """Images in [-1, 1] (B, C, H, W) -> scaled latents (grayscale fed as equal channels)."""
+    if images.shape[1] != vae.config.in_channels:
+        images = images.expand(-1, vae.config.in_channels, -1, -1) if images.shape[1] == 1 else images
+    return vae.encode(images.to(vae.dtype)).latent_dist.sample(generator) * scaling_factor
+
+
+def decode(vae, latents, scaling_factor, image_channels):
+    """Scaled latents -> images in [-1, 1] with image_channels channels."""
+    x = vae.decode(latents.to(vae.dtype) / scaling_factor).sample.float().clamp(-1, 1)
+    return x.mean(1, keepdim=True) if image_channels == 1 and x.shape[1] != 1 else x
+
+
+def training_target(scheduler, latents, noise, timesteps):
+    """What the UNet learns to predict under the LDM's prediction_type."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise UserError(f"unsupported prediction_type '{kind}' in the LDM's noise_scheduler_config")
+
+
+def _scheduler_kwargs(cls, cfg):
+    """Keep only the schedule keys `cls` accepts (the LDM stores DDPMScheduler kwargs)."""
+    keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "trained_betas")
+    kw = {k: cfg[k] for k in keys if k in cfg}
+    # Latents are not bounded to [-1, 1]: clipping the predicted x0 (diffusers' default for DDPM/DDIM) distorts.
+    if cls in (DDPMScheduler, DDIMScheduler):
+        kw["clip_sample"] = False
+    return kw
+
+
+def noise_scheduler(cfg):
+    """The training noise process (DDPM) of the LDM."""
+    return DDPMScheduler(**_scheduler_kwargs(DDPMScheduler, cfg))
+
+
+def make_sampler(name, cfg):
+    """ddpm | ddim (eta 0) | dpmsolver (DPM-Solver++ multistep, 2nd order) built on the LDM's schedule."""
+    if name == "ddpm":
+        return DDPMScheduler(**_scheduler_kwargs(DDPMScheduler, cfg))
+    if name == "ddim":
+        return DDIMScheduler(**_scheduler_kwargs(DDIMScheduler, cfg))
+    if name == "dpmsolver":
+        return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
+                                           **_scheduler_kwargs(DPMSolverMultistepScheduler, cfg))
+    raise UserError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got '{name}'")
+
+
+def initial_latents(seeds, shape):
+    """One independent Gaussian latent per seed (CPU generators: same numbers on any device)."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
+
+
+@torch.no_grad()
+def sample(model, sampler, latents, labels, mask, num_steps, controlnet_scale=1.0, generators=None,
+           cfg_scale=1.0, null_label=None, progress=None):
+    """Run the reverse process from `latents`; returns denoised latents.
+
+    With cfg_scale != 1 the prediction is guided away from the null class (classifier-free guidance);
+    the mask drives both branches. `generators` (one per image) feed stochastic samplers (DDPM).
+    """
+    sampler.set_timesteps(num_steps)
+    x = latents * sampler.init_noise_sigma
+    guided = cfg_scale != 1.0 and null_label is not None
+    steps = sampler.timesteps
+    for t in (progress(steps) if progress else steps):
+        inp = sampler.scale_model_input(x, t)
+        tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+        if guided:
+            null = torch.full_like(labels, null_label)
+            out = model(torch.cat([inp, inp]), torch.cat([tt, tt]), torch.cat([labels, null]),
+                        torch.cat([mask, mask]), controlnet_scale)
+            cond, uncond = out.float().chunk(2)
+            pred = uncond + cfg_scale * (cond - uncond)
+        else:
+            pred = model(inp, tt, labels, mask, controlnet_scale).float()
+        x = sampler.step(pred, t, x, generator=generators).prev_sample
+    return x
+
+
+# --------------------------------------------------------------------------------------------------- extras
+class EMA:
+    """Exponential moving average of a module's weights with warm-up decay min(decay, (1+n)/(10+n))."""
+
+    def __init__(self, module, decay):
+        self.decay = decay
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module, step):
+        d = min(self.decay, (1 + step) / (10 + step))
+        src = [p.detach() for p in module.parameters()]
+        dst = list(self.module.parameters())
+        torch._foreach_lerp_(dst, src, 1 - d)
+        for b_dst, b_src in zip(self.module.buffers(), module.buffers()):
+            b_dst.copy_(b_src)
+
+
+def count_parameters(components):
+    """Rows (name, total, trainable, frozen) for a dict name -> module, plus a total row."""
+    rows, tot = [], [0, 0]
+    for name, m in components.items():
+        n = sum(p.numel() for p in m.parameters())
+        t = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        rows.append((name, n, t, n - t))
+        tot[0] += n
+        tot[1] += t
+    rows.append(("Total", tot[0], tot[1], tot[0] - tot[1]))
+    return rows
+
+
+def format_parameter_table(rows):
+    """The parameter table as text lines."""
+    lines = [f"{'component':<16}{'total':>14}{'trainable':>14}{'frozen':>14}"]
+    lines += [f"{n:<16}{a:>14,}{b:>14,}{c:>14,}" for n, a, b, c in rows]
+    return lines
