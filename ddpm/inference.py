@@ -1,0 +1,286 @@
+"""Sample images from a trained DDPM: one process or torchrun (images spread over ranks and classes).
+
+    cd ddpm
+    python inference.py --ckpt models/DDPM_conditional/ema_ckpt.pt --num-samples 100 --class-labels 0 1 2 3 \
+        --cfg-scale 3 --sampler ddim --sampling-steps 50
+    torchrun --nproc_per_node=4 inference.py --ckpt models/DDPM_conditional/ckpt.pt --use-ema \
+        --num-samples 8000 --batch-size 8 --output-dir ./samples --class-subfolders
+
+The model is rebuilt from `config.json` beside the checkpoint (written by train.py), so no architecture
+flags are needed. `--ckpt` may be ckpt.pt, ema_ckpt.pt or train_state.pt; `--use-ema` picks the EMA
+weights (ema_ckpt.pt beside ckpt.pt, or the "ema" entry of train_state.pt).
+
+Image i of a run is class `labels[i % len(labels)]` with seed `--seed + i`, written as
+`<class_name>_seed<seed>.png` (into `<output-dir>/<class_name>/` with --class-subfolders). Existing files are
+never overwritten: a rerun skips them, so an interrupted run is completed by running it again. The output
+folder remembers its settings (settings.json) and refuses samples made with other settings.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from models import Diffusion, count_parameters, rebuild_model
+from utils import (MODEL_TYPE, UserError, atomic_write_text, barrier, check_writable, finish_distributed,
+                   get_logger, grid_columns, is_dist, load_checkpoint, make_grid, read_json, run_main,
+                   save_image_atomic, save_png_no_overwrite, setup_distributed, setup_precision)
+
+
+def add_sample_args(p):
+    """Sampling flags (both --dash-case and --snake_case spellings)."""
+    def add(name, **kw):
+        flags = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
+        p.add_argument(*flags, **kw)
+
+    add("ckpt", required=True, help="ckpt.pt, ema_ckpt.pt or train_state.pt of a DDPM run")
+    add("use-ema", action="store_true", help="sample with the EMA weights")
+    add("num-samples", type=int, default=8, help="total images (spread evenly over the classes)")
+    add("class-labels", nargs="+", help="class indices or names to generate (default: all)")
+    add("num-classes", type=int, help="optional check: must equal the checkpoint's number of classes")
+    add("image-size", type=int, help="optional check: must equal the checkpoint's image size")
+    add("batch-size", type=int, default=8, help="images per forward pass per process")
+    add("cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (1 = no guidance)")
+    add("sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral DDPM or deterministic DDIM")
+    add("sampling-steps", type=int, help="denoising steps (default: all T for ddpm, 50 for ddim)")
+    p.add_argument("--num-sampling-steps", "--num_sampling_steps", dest="sampling_steps", type=int,
+                   help=argparse.SUPPRESS)
+    add("eta", type=float, help="DDIM eta (default 0 for ddim, 1 for ddpm)")
+    add("seed", type=int, default=0, help="image i gets seed + i")
+    add("output-dir", help="folder for the PNGs (default: samples/<run>_<ckpt>_<sampler><steps>_cfg<s>_seed<n>)")
+    add("class-subfolders", action="store_true", help="write <output-dir>/<class_name>/*.png")
+    add("save-grid", action="store_true", help="also write grids to <output-dir>_grids/")
+    add("grid-dir", help="write a grid per class (+ all_classes.png) to this folder")
+    add("mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="autocast while sampling")
+    add("channels-last", action="store_true", help="channels_last memory format")
+    add("device", default="auto", help="auto (default), cpu, cuda")
+    add("trust-checkpoint", action="store_true", help="allow loading a pickled (non-plain) checkpoint")
+    return p
+
+
+def build_parser():
+    """Parser of `python inference.py`."""
+    return add_sample_args(argparse.ArgumentParser(description="Sample from a trained DDPM."))
+
+
+def _is_state_dict(obj):
+    return isinstance(obj, dict) and obj and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+
+
+def load_model(ckpt, use_ema=False, trust=False):
+    """Rebuild the UNet from the run's stored config and load the weights.
+
+    Returns (model on CPU, info dict with model / diffusion config and class_names, weights path)."""
+    ckpt = Path(ckpt)
+    obj = load_checkpoint(ckpt, trust)
+    if isinstance(obj, dict) and "model_type" in obj:  # a train_state.pt
+        if obj["model_type"] != MODEL_TYPE:
+            raise UserError(f"{ckpt} is a {obj['model_type']!r} checkpoint, not a DDPM one")
+        cfg = obj.get("config") or {}
+        info = {"model": {"c_in": cfg["channels"], "c_out": cfg["channels"], "img_size": cfg["image_size"],
+                          "time_dim": cfg["time_dim"], "base_channels": cfg["base_channels"],
+                          "num_classes": cfg["num_classes"]},
+                "diffusion": {k: cfg[k] for k in ("noise_steps", "schedule", "beta_start", "beta_end")},
+                "class_names": obj.get("class_names", []), "train": cfg}
+        weights, wpath = obj["ema" if use_ema else "model"], ckpt
+    else:
+        if not _is_state_dict(obj):
+            raise UserError(f"{ckpt} is not a DDPM checkpoint (expected a state dict of tensors, got "
+                            f"{type(obj).__name__}{' with keys ' + ', '.join(map(str, list(obj)[:5])) if isinstance(obj, dict) else ''})")
+        cfg_path = ckpt.parent / "config.json"
+        if not cfg_path.is_file():
+            raise UserError(f"{cfg_path} is missing: inference rebuilds the model from the config.json that "
+                            f"train.py writes beside ckpt.pt; copy it next to {ckpt.name}")
+        try:
+            info = read_json(cfg_path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{cfg_path} is not valid JSON ({e})")
+        if info.get("model_type") != MODEL_TYPE:
+            raise UserError(f"{cfg_path} describes a {info.get('model_type')!r} model, not a DDPM one")
+        weights, wpath = obj, ckpt
+        if use_ema and ckpt.name != "ema_ckpt.pt":
+            wpath = ckpt.parent / "ema_ckpt.pt"
+            if not wpath.is_file():
+                raise UserError(f"--use-ema: {wpath} does not exist beside {ckpt}")
+            weights = load_checkpoint(wpath, trust)
+            if not _is_state_dict(weights):
+                raise UserError(f"{wpath} is not a DDPM checkpoint (expected a state dict of tensors)")
+    model = rebuild_model(info["model"])
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:2] or [str(e)[:150]]
+        raise UserError(f"{wpath} does not match the architecture in its config ({describe(info)}): it is a "
+                        f"checkpoint of another architecture or size ({first[0][:160]})")
+    return model.eval(), info, wpath
+
+
+def describe(info):
+    """Short text of a stored model config."""
+    m = info["model"]
+    return (f"{m['img_size']}x{m['img_size']}x{m['c_in']}, base width {m['base_channels']}, "
+            f"{m['num_classes'] or 'no'} classes")
+
+
+def resolve_labels(requested, class_names):
+    """--class-labels (indices or names) -> list of class indices."""
+    if not class_names:
+        if requested:
+            raise UserError("--class-labels given, but this checkpoint is unconditional")
+        return None
+    if not requested:
+        return list(range(len(class_names)))
+    out = []
+    for r in requested:
+        if r in class_names:
+            out.append(class_names.index(r))
+        elif r.lstrip("-").isdigit() and 0 <= int(r) < len(class_names):
+            out.append(int(r))
+        else:
+            raise UserError(f"--class-labels: unknown class {r!r}; valid are 0..{len(class_names) - 1} or "
+                            f"the names {', '.join(class_names)}")
+    return out
+
+
+def image_path(out, i, seed, labels, class_names, subfolders):
+    """File of global image index i (class and seed in the name)."""
+    if labels is None:
+        return out / f"sample_seed{seed + i}.png"
+    name = class_names[labels[i % len(labels)]]
+    return (out / name if subfolders else out) / f"{name}_seed{seed + i}.png"
+
+
+def write_grids(out, grid_dir, labels, class_names, subfolders, seed, num_samples):
+    """Assemble grids from the written files (no re-sampling): one per class and all_classes.png."""
+    import numpy as np
+    from PIL import Image
+
+    grid_dir.mkdir(parents=True, exist_ok=True)
+
+    def read(p):
+        a = np.asarray(Image.open(p))
+        return torch.from_numpy(np.array(a[None] if a.ndim == 2 else a.transpose(2, 0, 1)))
+
+    idx = range(num_samples)
+    if labels is None:
+        imgs = [read(image_path(out, i, seed, None, class_names, subfolders)) for i in list(idx)[:64]]
+        save_image_atomic(make_grid(torch.stack(imgs), grid_columns(len(imgs))), grid_dir / "samples.png")
+        return [grid_dir / "samples.png"]
+    written, rows = [], []
+    for c in dict.fromkeys(labels[i % len(labels)] for i in idx):
+        files = [image_path(out, i, seed, labels, class_names, subfolders) for i in idx
+                 if labels[i % len(labels)] == c][:64]
+        imgs = torch.stack([read(p) for p in files])
+        path = grid_dir / f"{class_names[c]}.png"
+        save_image_atomic(make_grid(imgs, grid_columns(len(imgs))), path)
+        written.append(path)
+        rows.append(imgs[:10])
+    width = min(len(r) for r in rows)
+    all_path = grid_dir / "all_classes.png"
+    save_image_atomic(make_grid(torch.cat([r[:width] for r in rows]), width), all_path)
+    return written + [all_path]
+
+
+def sample(args):
+    """Validate, then generate args.num_samples images over all ranks; returns the output folder."""
+    for key, low in (("num_samples", 1), ("batch_size", 1)):
+        if getattr(args, key) < low:
+            raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)} must be >= {low}")
+    if args.cfg_scale < 0:
+        raise UserError(f"--cfg-scale {args.cfg_scale} must be >= 0")
+    model, info, wpath = load_model(args.ckpt, args.use_ema, args.trust_checkpoint)
+    m, d = info["model"], info["diffusion"]
+    class_names = info.get("class_names") or []
+    if args.num_classes is not None and args.num_classes != (m["num_classes"] or 0):
+        raise UserError(f"--num-classes {args.num_classes} disagrees with {args.ckpt}, which was trained with "
+                        f"{m['num_classes'] or 0} classes ({', '.join(class_names[:10])})")
+    if args.image_size is not None and args.image_size != m["img_size"]:
+        raise UserError(f"--image-size {args.image_size} disagrees with {args.ckpt}, which makes "
+                        f"{m['img_size']}x{m['img_size']} images")
+    labels = resolve_labels(args.class_labels, class_names if m["num_classes"] else [])
+    steps = args.sampling_steps or (d["noise_steps"] if args.sampler == "ddpm" else min(50, d["noise_steps"]))
+    if not 1 <= steps <= d["noise_steps"]:
+        raise UserError(f"--sampling-steps {steps} must be between 1 and the model's {d['noise_steps']} noise steps")
+    ckpt_tag = f"{Path(args.ckpt).parent.name}_{Path(wpath).stem}{'_ema' if args.use_ema and wpath.name == 'train_state.pt' else ''}"
+    out = Path(args.output_dir or f"samples/{ckpt_tag}_{args.sampler}{steps}_cfg{args.cfg_scale:g}_seed{args.seed}")
+    settings = {"model_type": MODEL_TYPE, "weights": str(Path(wpath).resolve()), "use_ema": bool(args.use_ema),
+                "sampler": args.sampler, "steps": steps, "eta": args.eta, "cfg_scale": args.cfg_scale,
+                "seed": args.seed, "class_subfolders": bool(args.class_subfolders)}
+    settings_path = out / "settings.json"
+    if settings_path.is_file():
+        old = read_json(settings_path)
+        diff = [k for k in settings if old.get(k) != settings[k]]
+        if diff:
+            raise UserError(f"{out} holds samples made with other settings ({', '.join(f'{k}={old.get(k)}' for k in diff)}); "
+                            f"choose another --output-dir")
+    check_writable(out)
+
+    rank, world, _, device = setup_distributed(args.device)
+    logger = get_logger(None, rank, "ddpm.sample")
+    amp_dtype, _ = setup_precision(args.mixed_precision, device, logger)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    diffusion = Diffusion(d["noise_steps"], d["beta_start"], d["beta_end"], m["img_size"], device, d["schedule"],
+                          m["c_in"])
+    logger.info(f"loaded {wpath} ({describe(info)}, {count_parameters(model):,} parameters); world size {world}")
+    if rank == 0:
+        atomic_write_text(json.dumps(settings, indent=2), settings_path)
+        if labels is not None and args.class_subfolders:
+            for c in set(labels):
+                (out / class_names[c]).mkdir(parents=True, exist_ok=True)
+    barrier()
+
+    mine = [i for i in range(rank, args.num_samples, world)]
+    todo = [i for i in mine if not image_path(out, i, args.seed, labels, class_names, args.class_subfolders).exists()]
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), desc=f"rank {rank} images", disable=rank != 0)
+    written, sampled_steps, start = 0, 0, time.perf_counter()
+    for b in range(0, len(todo), args.batch_size):
+        chunk = todo[b:b + args.batch_size]
+        y = torch.tensor([labels[i % len(labels)] for i in chunk], device=device) if labels is not None else None
+        imgs = diffusion.sample(model, len(chunk), labels=y, cfg_scale=args.cfg_scale, sampler=args.sampler,
+                                steps=steps, seeds=[args.seed + i for i in chunk], eta=args.eta, progress=False,
+                                autocast_dtype=amp_dtype, channels_last=args.channels_last)
+        sampled_steps += diffusion.last_timing["steps"]
+        for i, img in zip(chunk, imgs.cpu()):
+            written += save_png_no_overwrite(img, image_path(out, i, args.seed, labels, class_names,
+                                                             args.class_subfolders))
+        bar.update(len(chunk))
+    bar.close()
+    elapsed = time.perf_counter() - start
+    counts = torch.tensor([written, len(mine) - len(todo), sampled_steps], dtype=torch.float64)
+    if is_dist():
+        torch.distributed.all_reduce(counts)
+    n_new, n_skip, n_steps = int(counts[0]), int(counts[1]), int(counts[2])
+    logger.info(f"sampled {n_new} new images ({n_skip} already there) with {args.sampler}, {steps} steps, cfg "
+                f"{args.cfg_scale:g}, world size {world}: {elapsed:.1f} s total, "
+                f"{elapsed * world / max(n_new, 1):.3f} s/image (per process), "
+                f"{elapsed * world / max(n_steps, 1) * 1000:.1f} ms/step (batch of up to {args.batch_size})")
+    barrier()
+    if rank == 0:
+        logger.info(f"images: {out.resolve()}" + (" (one folder per class)" if args.class_subfolders else ""))
+        grid_dir = Path(args.grid_dir) if args.grid_dir else (Path(str(out) + "_grids") if args.save_grid else None)
+        if grid_dir is not None:
+            grids = write_grids(out, grid_dir, labels, class_names, args.class_subfolders, args.seed,
+                                args.num_samples)
+            logger.info(f"grids: {', '.join(str(g) for g in grids[-1:])} and {len(grids) - 1} more in {grid_dir}")
+    finish_distributed()
+    return out
+
+
+def main(argv=None, save_grid_default=False):
+    """CLI entry: parse flags, sample, turn input errors into one-line messages."""
+    parser = build_parser()
+    if save_grid_default:
+        parser.set_defaults(save_grid=True)
+    run_main(sample, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,460 @@
+"""Tests of ddpm/: networks, noise process, samplers, training through every entry point, exact resume,
+distributed training and sampling (torchrun, 2 gloo processes) and the one-line errors for bad input.
+
+    OMP_NUM_THREADS=1 python -m pytest tests/test_ddpm.py -q
+Tiny configs on CPU (widths 8, images 8-32 px, few noise steps); data sets are written by the tests.
+"""
+import json
+import os
+import re
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from repo_helpers import free_port, load_folder, run_script, script_env
+
+models, dataset, train, inference, ddpm_uncond, ddpm_cond, modules, utils = load_folder(
+    "ddpm", "models", "dataset", "train", "inference", "ddpm", "ddpm_conditional", "modules", "utils")
+
+TINY = ["--base-channels", "8", "--time-dim", "16", "--noise-steps", "20", "--log-every", "1"]
+TINY_KW = dict(base_channels=8, time_dim=16, noise_steps=20, log_every=1, device="cpu")
+
+
+def write_class_folders(root, classes=3, per_class=6, size=16, mode="L", seed=0):
+    """Class folders of small random-ish images (a bright square per class on noise)."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = Path(root) / f"class_{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            a = (rng.random((size, size)) * 60).astype(np.uint8)
+            a[2 + c:8 + c, 3:9] = 230
+            img = Image.fromarray(a, "L")
+            (img.convert(mode) if mode != "L" else img).save(d / f"{i:02d}.png")
+    return Path(root)
+
+
+@pytest.fixture(scope="module")
+def gray_data(tmp_path_factory):
+    return write_class_folders(tmp_path_factory.mktemp("gray"))
+
+
+@pytest.fixture(scope="module")
+def rgb_data(tmp_path_factory):
+    return write_class_folders(tmp_path_factory.mktemp("rgb"), classes=2, per_class=4, mode="RGB")
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+def run_main_expect(fn, argv, capsys, code=2):
+    """Call a CLI main in-process; return its one-line stderr message after asserting the exit code."""
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    assert e.value.code == code
+    err = capsys.readouterr().err.strip()
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# ------------------------------------------------------------------ networks
+@pytest.mark.parametrize("channels,size", [(1, 8), (3, 16), (1, 24), (3, 32)])
+def test_unet_shapes(channels, size):
+    x = torch.randn(2, channels, size, size)
+    t = torch.tensor([0, 19])
+    u = models.UNet(c_in=channels, c_out=channels, img_size=size, base_channels=8, time_dim=16)
+    c = models.UNet_conditional(c_in=channels, c_out=channels, img_size=size, base_channels=8, time_dim=16,
+                                num_classes=3)
+    for out in (u(x, t), c(x, t, torch.tensor([0, 2])), c(x, t, None)):
+        assert out.shape == x.shape and torch.isfinite(out).all()
+    # classes change the prediction (the class embedding is wired in), 'no class' is its own token
+    assert not torch.allclose(c(x, t, torch.tensor([0, 0])), c(x, t, torch.tensor([1, 1])))
+
+
+def test_unet_rejects_size_not_divisible_by_8():
+    with pytest.raises(utils.UserError, match="not divisible by 8"):
+        models.UNet(img_size=20)
+
+
+def test_channels_last_matches_default_layout():
+    m = models.UNet_conditional(c_in=3, c_out=3, img_size=16, base_channels=8, time_dim=16, num_classes=2)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 7]), torch.tensor([0, 1])
+    ref = m(x, t, y)
+    m = m.to(memory_format=torch.channels_last)
+    out = m(x.contiguous(memory_format=torch.channels_last), t, y)
+    assert torch.allclose(ref, out, atol=1e-3)  # same function, different kernel summation order
+
+
+def test_spec_default_conditional_architecture_matches_default_training_config():
+    # UNet_conditional(num_classes=10, img_size=64) must load what the default conditional training builds.
+    spec = modules.UNet_conditional(num_classes=10, img_size=64)
+    cfg = dict(train.DEFAULTS, channels=3)
+    built = models.rebuild_model(train.model_config(cfg, 3, 10))
+    a, b = spec.state_dict(), built.state_dict()
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert spec.c_in == 3 and 15e6 < modules.count_parameters(spec) < 40e6  # same order as the spec's ~23M
+
+
+# ------------------------------------------------------------------ noise process
+def test_schedules_match_diffusers_reference():
+    from diffusers import DDPMScheduler
+
+    for ours, theirs in (("linear", "linear"), ("cosine", "squaredcos_cap_v2")):
+        d = models.Diffusion(noise_steps=1000, img_size=8, device="cpu", schedule=ours)
+        ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule=theirs).alphas_cumprod.double()
+        assert torch.allclose(d.alpha_hat64, ref, atol=1e-6)
+        ah = d.alpha_hat64
+        assert (ah[1:] < ah[:-1]).all() and ah[0] > 0.99 and ah[-1] < 1e-2
+    lin = models.Diffusion(img_size=8, device="cpu")
+    assert lin.noise_steps == 1000 and abs(lin.beta64[0] - 1e-4) < 1e-12 and abs(lin.beta64[-1] - 0.02) < 1e-12
+
+
+def test_noise_images_has_closed_form_moments():
+    d = models.Diffusion(noise_steps=100, img_size=8, device="cpu")
+    x0 = torch.full((20000, 1, 1, 1), 0.5)
+    t = torch.full((20000,), 40)
+    xt, _ = d.noise_images(x0, t, generator=torch.Generator().manual_seed(0))
+    ah = d.alpha_hat[40].item()
+    assert abs(xt.mean().item() - 0.5 * ah ** 0.5) < 0.02
+    assert abs(xt.var().item() - (1 - ah)) < 0.03
+    ts = d.sample_timesteps(5000, generator=torch.Generator().manual_seed(0), device="cpu")
+    assert ts.min() >= 0 and ts.max() == 99
+
+
+class OracleModel(torch.nn.Module):
+    """Predicts the exact noise for a known clean image: every correct sampler must return that image."""
+
+    def __init__(self, target, num_classes=None):
+        super().__init__()
+        self.register_buffer("target", target)
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.c_in, self.num_classes = target.shape[0], num_classes
+        self.ah = None
+
+    def forward(self, x, t, y=None):
+        ah = self.ah[t].float()[:, None, None, None]
+        return (x - ah.sqrt() * self.target) / (1 - ah).sqrt()
+
+
+@pytest.mark.parametrize("sampler,steps,cfg", [("ddpm", None, 3.0), ("ddpm", 7, 1.0), ("ddim", 10, 3.0),
+                                               ("ddim", 50, 0.0)])
+def test_samplers_recover_the_image_from_an_oracle(sampler, steps, cfg):
+    target = torch.rand(1, 8, 8) * 1.6 - 0.8
+    d = models.Diffusion(noise_steps=50, img_size=8, device="cpu", schedule="cosine")
+    m = OracleModel(target, num_classes=4)
+    m.ah = d.alpha_hat64
+    out = d.sample(m, 3, labels=torch.tensor([0, 1, 2]), cfg_scale=cfg, sampler=sampler, steps=steps,
+                   seeds=[1, 2, 3], progress=False)
+    expect = ((target.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    assert out.dtype == torch.uint8 and out.shape == (3, 1, 8, 8)
+    assert (out.int() - expect.int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("sampler,cfg,conditional", [("ddpm", 3.0, True), ("ddim", 3.0, True),
+                                                     ("ddim", 1.0, True), ("ddpm", 3.0, False)])
+def test_same_seed_same_image_at_any_batch_size(sampler, cfg, conditional):
+    torch.manual_seed(0)
+    kw = dict(c_in=1, c_out=1, img_size=8, base_channels=8, time_dim=16)
+    m = models.UNet_conditional(num_classes=3, **kw) if conditional else models.UNet(**kw)
+    d = models.Diffusion(noise_steps=20, img_size=8, device="cpu")
+    seeds = [100, 101, 102, 103, 104]
+    labels = torch.tensor([0, 1, 2, 0, 1]) if conditional else None
+    full = d.sample(m, 5, labels=labels, cfg_scale=cfg, sampler=sampler, steps=10, seeds=seeds, progress=False)
+    parts = [d.sample(m, len(s), labels=None if labels is None else labels[i:i + len(s)], cfg_scale=cfg,
+                      sampler=sampler, steps=10, seeds=s, progress=False)
+             for i, s in ((0, seeds[:2]), (2, seeds[2:]))]
+    assert torch.equal(full, torch.cat(parts))
+    assert not torch.equal(full[0], full[1])  # different seeds -> different images
+    if conditional and cfg != 1.0:  # guidance changes the result
+        other = d.sample(m, 5, labels=labels, cfg_scale=1.0, sampler=sampler, steps=10, seeds=seeds,
+                         progress=False)
+        assert not torch.equal(full, other)
+
+
+def test_spec_sample_call_returns_uint8():
+    model = modules.UNet_conditional(num_classes=4, img_size=16, base_channels=8, time_dim=16, c_in=3, c_out=3)
+    diffusion = ddpm_cond.Diffusion(img_size=16, device="cpu", noise_steps=10)
+    labels = torch.Tensor([0, 1, 2, 3]).long()
+    samples = diffusion.sample(model, n=4, labels=labels, cfg_scale=3, log_time=True)
+    assert samples.dtype == torch.uint8 and samples.shape == (4, 3, 16, 16)
+    assert diffusion.last_timing["images"] == 4 and diffusion.last_timing["steps"] == 10
+
+
+# ------------------------------------------------------------------ data
+def test_dataset_accepts_16bit_rgba_and_mixed_sizes(tmp_path):
+    d = tmp_path / "c0"
+    d.mkdir()
+    a16 = np.full((12, 12), 65535, dtype=np.uint16)
+    a16[:, :6] = 0
+    Image.fromarray(a16).save(d / "sixteen.png")  # 16-bit grayscale
+    rgba = np.zeros((20, 20, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 255, 10  # red, nearly transparent: alpha must be dropped, not blended
+    Image.fromarray(rgba, "RGBA").save(d / "rgba.png")
+    ds = dataset.ImageFolderDataset(tmp_path, image_size=8, channels="auto")
+    assert ds.channels == 3 and len(ds) == 2
+    rgba_t, sixteen_t = ds[0][0], ds[1][0]  # sorted: rgba.png, sixteen.png
+    assert rgba_t.shape == (3, 8, 8) and torch.allclose(rgba_t[0], torch.ones(8, 8))
+    assert sixteen_t.shape == (3, 8, 8)
+    assert sixteen_t[0, :, 0].max() == -1.0 and sixteen_t[0, :, -1].min() == 1.0  # full range, not clipped
+    gray = dataset.ImageFolderDataset(tmp_path / "c0", 8, "auto", conditional=False)
+    assert gray.channels == 3  # one RGBA file -> colour
+
+
+def test_flips_are_a_function_of_seed_epoch_index():
+    idx = torch.arange(64)
+    a, b = dataset.flip_mask(idx, 1, 0), dataset.flip_mask(idx, 1, 0)
+    assert torch.equal(a, b) and 10 < int(a.sum()) < 54
+    assert not torch.equal(a, dataset.flip_mask(idx, 1, 1))
+    assert torch.equal(dataset.flip_mask(idx[5:9], 1, 0), a[5:9])
+
+
+# ------------------------------------------------------------------ training entry points
+def tiny_launch_kw(data, work, **extra):
+    return dict(dataset_path=str(data), work_dir=str(work), image_size=16, epochs=1, batch_size=4,
+                sample_every=1, grid_images=4, sampler="ddim", sampling_steps=4, **TINY_KW, **extra)
+
+
+def test_launch_unconditional_and_conditional(gray_data, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted(gray_data.rglob("*.png"))[:8]:
+        (flat / f"{p.parent.name}_{p.name}").write_bytes(p.read_bytes())
+    run = ddpm_uncond.launch(**tiny_launch_kw(flat, tmp_path / "u"))
+    assert run == tmp_path / "u" / "models" / "DDPM_Unconditional"
+    run_c = ddpm_cond.launch(**tiny_launch_kw(gray_data, tmp_path / "c", num_classes=3))
+    assert run_c == tmp_path / "c" / "models" / "DDPM_conditional"
+    for r, work, classes in ((run, tmp_path / "u", None), (run_c, tmp_path / "c", 3)):
+        sd = torch.load(r / "ckpt.pt")  # default torch.load: a plain state dict
+        assert all(torch.is_tensor(v) for v in sd.values()) and not any(k.startswith(("module.", "_orig_mod."))
+                                                                        for k in sd)
+        assert torch.load(r / "ema_ckpt.pt").keys() == sd.keys()
+        state = torch.load(r / "train_state.pt", weights_only=True)
+        assert state["model_type"] == "ddpm" and state["step"] == (2 if classes is None else 4)
+        assert state["config"]["num_classes"] == classes and state["config"]["channels"] == 1
+        cfg = json.loads((r / "config.json").read_text())
+        assert cfg["model"]["c_in"] == 1 and cfg["model"]["img_size"] == 16
+        grid = list((work / "results" / r.name).glob("*.png"))
+        assert len(grid) == 1 and Image.open(grid[0]).mode == "L"  # grayscale stays grayscale
+        assert list((work / "runs" / r.name).glob("events.out.tfevents.*"))
+        log = (r / "log.txt").read_text()
+        assert "world size 1" in log and "trainable" in log and re.search(r"step \d+ epoch 0 loss \d", log)
+
+
+def test_default_architecture_run_and_spec_snippet(tmp_path, monkeypatch, capsys):
+    """Train the spec's default conditional model (3 channels, 64 px, width 64) for one step, then run the
+    spec's snippet: UNet_conditional(num_classes=10, img_size=64).load_state_dict(torch.load(ckpt.pt))."""
+    data = tmp_path / "data"
+    for c in range(10):
+        (data / f"c{c}").mkdir(parents=True)
+        Image.fromarray(np.full((8, 8, 3), 20 * c, np.uint8)).save(data / f"c{c}" / "0.png")
+    monkeypatch.chdir(tmp_path)
+    train.main(["--dataset-path", str(data), "--epochs", "1", "--batch-size", "10", "--sample-every", "0",
+                "--noise-steps", "10"])
+    assert "parameters" in capsys.readouterr().out
+    model = modules.UNet_conditional(num_classes=10, img_size=64)
+    model.load_state_dict(torch.load("./models/DDPM_conditional/ckpt.pt"))
+    diffusion = ddpm_cond.Diffusion(img_size=64, device="cpu", noise_steps=10)
+    labels = torch.Tensor([0, 1, 2, 3]).long()
+    samples = diffusion.sample(model, n=4, labels=labels, cfg_scale=3, log_time=True, steps=2)  # 2 steps: CPU time
+    assert samples.shape == (4, 3, 64, 64) and samples.dtype == torch.uint8
+
+
+def test_cli_train_and_sample_modes(gray_data, tmp_path):
+    work = tmp_path / "w"
+    proc = run_script("ddpm", ["ddpm_conditional_ddp.py", "--mode", "train_ddp", "--dataset-path", str(gray_data),
+                               "--work_dir", str(work), "--image-size", "16", "--epochs", "1", "--batch-size", "6",
+                               "--sample-every", "0", *TINY])
+    assert "world size 1" in proc.stdout and "training finished: 3 steps" in proc.stdout
+    ckpt = work / "models" / "DDPM_conditional" / "ema_ckpt.pt"
+    out = tmp_path / "s"
+    proc = run_script("ddpm", ["ddpm_conditional_ddp.py", "--mode", "sample", "--ckpt", str(ckpt),
+                               "--num-samples", "4", "--class-labels", "0", "class_2", "--cfg-scale", "3",
+                               "--output-dir", str(out)])
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == ["class_0_seed0.png", "class_0_seed2.png", "class_2_seed1.png", "class_2_seed3.png"]
+    assert Image.open(out / names[0]).size == (16, 16) and Image.open(out / names[0]).mode == "L"
+    assert "s/image" in proc.stdout and "ms/step" in proc.stdout and "20 steps" in proc.stdout
+    assert (tmp_path / "s_grids" / "all_classes.png").is_file()
+
+
+# ------------------------------------------------------------------ exact resume, SIGTERM, NaN
+def resume_args(data, work):
+    return ["--dataset-path", str(data), "--work-dir", str(work), "--image-size", "8", "--epochs", "3",
+            "--batch-size", "4", "--save-every-steps", "2", "--random-flip", "--ema-start", "2", "--ema-decay",
+            "0.9", "--lr-schedule", "cosine", "--warmup-steps", "2", "--sample-every", "0", *TINY]
+
+
+def final_state(work):
+    run = Path(work) / "models" / "DDPM_conditional"
+    st = torch.load(run / "train_state.pt", weights_only=True)
+    return torch.load(run / "ckpt.pt"), torch.load(run / "ema_ckpt.pt"), st
+
+
+def assert_same_state(a, b):
+    for x, y in zip(a[:2], b[:2]):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    oa, ob = a[2]["optimizer"]["state"], b[2]["optimizer"]["state"]
+    assert oa.keys() == ob.keys()
+    assert all(torch.equal(oa[k][n], ob[k][n]) for k in oa for n in ("exp_avg", "exp_avg_sq", "step"))
+    assert a[2]["step"] == b[2]["step"] == 12
+
+
+def test_resume_after_kill_and_sigterm_is_bit_identical(gray_data, tmp_path, capsys):
+    train.main(resume_args(gray_data, tmp_path / "ref"))  # uninterrupted: 3 epochs x 4 steps
+    ref = final_state(tmp_path / "ref")
+    # SIGKILL right after step 5 (last checkpoint: step 4, mid-epoch 1), then resume.
+    proc = run_script("ddpm", ["train.py", *resume_args(gray_data, tmp_path / "kill")], check=False,
+                      env=script_env(DIFFUSION_FAULT_KILL_AT_STEP=5))
+    assert proc.returncode == -9
+    assert torch.load(tmp_path / "kill/models/DDPM_conditional/train_state.pt", weights_only=True)["step"] == 4
+    train.main(resume_args(gray_data, tmp_path / "kill") + ["--resume"])
+    assert "resumed" in capsys.readouterr().out
+    assert_same_state(final_state(tmp_path / "kill"), ref)
+    # SIGTERM during step 7: that step finishes, a checkpoint is written, exit code 0.
+    os.environ["DIFFUSION_FAULT_SIGTERM_AT_STEP"] = "7"
+    try:
+        train.main(resume_args(gray_data, tmp_path / "term"))
+    finally:
+        del os.environ["DIFFUSION_FAULT_SIGTERM_AT_STEP"]
+    assert "SIGTERM received: checkpoint written at step 7" in capsys.readouterr().out
+    train.main(resume_args(gray_data, tmp_path / "term") + ["--resume"])
+    assert_same_state(final_state(tmp_path / "term"), ref)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(gray_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DIFFUSION_FAULT_NAN_AT_STEP", "3")
+    msg = run_main_expect(train.main, resume_args(gray_data, tmp_path), capsys, code=1)
+    assert msg.startswith("error: loss is nan at step 3") and "step 2" in msg
+    assert torch.load(tmp_path / "models/DDPM_conditional/train_state.pt", weights_only=True)["step"] == 2
+
+
+# ------------------------------------------------------------------ distributed (2 gloo processes)
+def test_torchrun_train_ddp_and_sample_ddp(gray_data, tmp_path, capsys):
+    work = tmp_path / "w"
+    proc = run_script("ddpm", ["torchrun", "--nnodes=1", "--nproc_per_node=2", f"--master_port={free_port()}",
+                               "ddpm_conditional_ddp.py", "--mode", "train_ddp", "--dataset-path", str(gray_data),
+                               "--work-dir", str(work), "--image-size", "16", "--epochs", "2", "--batch-size", "3",
+                               "--num-classes", "3", "--sample-every", "0", *TINY])
+    assert "world size 2 (DDP gloo)" in proc.stdout and "3/process = 6 global, 3 steps/epoch" in proc.stdout
+    assert "training finished: 6 steps" in proc.stdout
+    ckpt = work / "models" / "DDPM_conditional" / "ckpt.pt"
+    out = tmp_path / "samples"
+
+    flags = ["--ckpt", str(ckpt), "--use-ema", "--num-classes", "3", "--batch-size", "2", "--sampler", "ddim",
+             "--sampling-steps", "5", "--output-dir", str(out), "--class-subfolders"]
+
+    def sample_ddp(n):
+        return run_script("ddpm", ["torchrun", "--nproc_per_node=2", f"--master_port={free_port()}",
+                                   "ddpm_conditional_ddp.py", "--mode", "sample_ddp", "--num-samples", str(n), *flags])
+
+    proc = sample_ddp(7)
+    assert "world size 2" in proc.stdout and "sampled 7 new images (0 already there)" in proc.stdout
+    counts = {d.name: len(list(d.glob("*.png"))) for d in out.iterdir() if d.is_dir()}
+    assert counts == {"class_0": 3, "class_1": 2, "class_2": 2}
+    first = (out / "class_0" / "class_0_seed0.png").read_bytes()
+    assert Image.open(out / "class_0" / "class_0_seed0.png").mode == "L"
+    (out / "class_1" / "class_1_seed4.png").unlink()  # as if interrupted: a rerun fills in what is missing
+    proc = sample_ddp(9)
+    assert "sampled 3 new images (6 already there)" in proc.stdout
+    assert sum(len(list(d.glob("*.png"))) for d in out.iterdir() if d.is_dir()) == 9
+    assert (out / "class_0" / "class_0_seed0.png").read_bytes() == first
+    # other settings into the same folder are refused (not mixed in, not overwritten)
+    msg = run_main_expect(inference.main, [*flags, "--num-samples", "9", "--cfg-scale", "5"], capsys)
+    assert "holds samples made with other settings (cfg_scale=3.0)" in msg
+
+
+# ------------------------------------------------------------------ bad inputs
+def test_bad_training_inputs(gray_data, tmp_path, capsys):
+    base = ["--work-dir", str(tmp_path / "w"), "--image-size", "16", "--epochs", "1", "--batch-size", "2", *TINY]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "is empty" in run_main_expect(train.main, ["--dataset-path", str(empty), *base], capsys)
+    bad = write_class_folders(tmp_path / "bad", classes=2, per_class=2)
+    (bad / "class_1" / "notes.png").write_text("this is not an image")
+    msg = run_main_expect(train.main, ["--dataset-path", str(bad), *base], capsys)
+    assert str(bad / "class_1" / "notes.png") in msg
+    trunc = write_class_folders(tmp_path / "trunc", classes=2, per_class=2)
+    raw = (trunc / "class_0" / "01.png").read_bytes()
+    (trunc / "class_0" / "01.png").write_bytes(raw[: len(raw) // 2])
+    assert str(trunc / "class_0" / "01.png") in run_main_expect(train.main, ["--dataset-path", str(trunc), *base],
+                                                                 capsys)
+    noimg = write_class_folders(tmp_path / "noimg", classes=2, per_class=2)
+    (noimg / "class_9").mkdir()
+    assert "class_9 has no images" in run_main_expect(train.main, ["--dataset-path", str(noimg), *base], capsys)
+    msg = run_main_expect(train.main, ["--dataset-path", str(gray_data), "--num-classes", "5", *base], capsys)
+    assert "--num-classes 5" in msg and "3 class folders" in msg
+    msg = run_main_expect(train.main, ["--dataset-path", str(gray_data), *base, "--image-size", "20"], capsys)
+    assert "--image-size 20" in msg and "multiple of 8" in msg
+    msg = run_main_expect(train.main, ["--dataset-path", str(gray_data), *base, "--batch-size", "40"], capsys)
+    assert "too few" in msg
+    assert not (tmp_path / "w").exists()  # nothing written for bad input
+    # a finished run is not silently overwritten; resuming with another size is refused
+    train.main(["--dataset-path", str(gray_data), *base])
+    assert "already holds a run" in run_main_expect(train.main, ["--dataset-path", str(gray_data), *base], capsys)
+    msg = run_main_expect(train.main, ["--dataset-path", str(gray_data), *base, "--resume", "--image-size", "32"],
+                          capsys)
+    assert "--image-size 32 disagrees" in msg
+
+
+def test_bad_checkpoints(gray_data, tmp_path, capsys):
+    base = ["--dataset-path", str(gray_data), "--image-size", "8", "--epochs", "1", "--batch-size", "9",
+            "--sample-every", "0", *TINY[:-2]]
+    train.main(["--work-dir", str(tmp_path / "a"), *base])
+    train.main(["--work-dir", str(tmp_path / "b"), *base[:-6], "--base-channels", "16", "--time-dim", "16",
+                "--noise-steps", "20"])
+    capsys.readouterr()
+    run_a, run_b = tmp_path / "a/models/DDPM_conditional", tmp_path / "b/models/DDPM_conditional"
+    sample = ["--num-samples", "1", "--sampler", "ddim", "--sampling-steps", "2", "--output-dir",
+              str(tmp_path / "out")]
+    # weights of another size beside a config.json that says otherwise
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "config.json").write_bytes((run_a / "config.json").read_bytes())
+    (mixed / "ckpt.pt").write_bytes((run_b / "ckpt.pt").read_bytes())
+    msg = run_main_expect(inference.main, ["--ckpt", str(mixed / "ckpt.pt"), *sample], capsys)
+    assert "another architecture or size" in msg
+    # a checkpoint of another model type
+    other = torch.load(run_a / "train_state.pt", weights_only=True)
+    other["model_type"] = "dit"
+    torch.save(other, tmp_path / "dit_state.pt")
+    assert "'dit' checkpoint, not a DDPM" in run_main_expect(
+        inference.main, ["--ckpt", str(tmp_path / "dit_state.pt"), *sample], capsys)
+    # a file that is not a checkpoint
+    (tmp_path / "junk.pt").write_text("hello")
+    assert "is not a checkpoint" in run_main_expect(inference.main, ["--ckpt", str(tmp_path / "junk.pt"), *sample],
+                                                    capsys)
+    # a pickled checkpoint: refused unless trusted
+    torch.save({"args": Namespace(lr=1)}, tmp_path / "pickled.pt")
+    msg = run_main_expect(inference.main, ["--ckpt", str(tmp_path / "pickled.pt"), *sample], capsys)
+    assert "not a plain checkpoint" in msg and "--trust_checkpoint" in msg
+    msg = run_main_expect(inference.main, ["--ckpt", str(tmp_path / "pickled.pt"), "--trust-checkpoint", *sample],
+                          capsys)
+    assert "not a DDPM checkpoint" in msg
+    # sampling flags that disagree with the checkpoint
+    msg = run_main_expect(inference.main, ["--ckpt", str(run_a / "ckpt.pt"), "--num-classes", "8", *sample], capsys)
+    assert "--num-classes 8 disagrees" in msg and "3 classes" in msg
+    msg = run_main_expect(inference.main, ["--ckpt", str(run_a / "ckpt.pt"), "--class-labels", "dog", *sample],
+                          capsys)
+    assert "unknown class 'dog'" in msg and "class_0, class_1, class_2" in msg
+    assert not (tmp_path / "out").exists()
+    # train_state.pt works as --ckpt too (EMA entry with --use-ema), and the same seed gives the same image
+    inference.main(["--ckpt", str(run_a / "train_state.pt"), "--use-ema", *sample])
+    img = (tmp_path / "out" / "class_0_seed0.png").read_bytes()
+    inference.main(["--ckpt", str(run_a / "ema_ckpt.pt"), *sample[:-1], str(tmp_path / "out2")])
+    assert (tmp_path / "out2" / "class_0_seed0.png").read_bytes() == img
+
+
+def test_bad_input_from_the_command_line_is_one_line_without_traceback(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_script("ddpm", ["ddpm_conditional_ddp.py", "--mode", "train_ddp", "--dataset-path",
+                               str(tmp_path / "empty"), "--work-dir", str(tmp_path / "w")], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error: --dataset-path") and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "w").exists()
