@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# DiT stage of the repository demo: a small DiT on the demo VAE's latents of the digits data set.
+#
+#   bash dit/scripts/demo.sh DATA OUT VAE_DIR
+#
+# DATA    folder written by scripts/make_demo_data.py (class folders in DATA/digits/digit_0..digit_9)
+# OUT     output folder (run in OUT/results, samples in OUT/samples/<class_name>/, grids in OUT/grids/)
+# VAE_DIR diffusers AutoencoderKL folder (the demo LDM's VAE, written by ldm/train_vae.py)
+# About 3-4 minutes on 2 CPU cores: DiT-Ti/2 (4 blocks, width 192) with cached latents, then 25-step
+# DDIM sampling with classifier-free guidance.
+set -euo pipefail
+if [ $# -ne 3 ]; then
+  echo "usage: bash dit/scripts/demo.sh DATA OUT VAE_DIR" >&2
+  exit 2
+fi
+DATA="$(cd "$1" && pwd)"
+mkdir -p "$2"
+OUT="$(cd "$2" && pwd)"
+VAE="$(cd "$3" && pwd)"
+cd "$(dirname "$0")/.."
+STEPS="${DIT_DEMO_STEPS:-800}"
+IMAGE_SIZE="$(python -c "import json,sys; from PIL import Image; import glob
+f=sorted(glob.glob(sys.argv[1]+'/digits/digit_0/*'))[0]; print(Image.open(f).size[0])" "$DATA")"
+
+python train.py --model DiT-Ti/2 --data-path "$DATA/digits" --results-dir "$OUT/results" \
+    --image-size "$IMAGE_SIZE" --num-classes 10 --global-batch-size 32 --epochs 1000 \
+    --max-train-steps "$STEPS" --vae "$VAE" --lr 1e-3 --ema-decay 0.99 --num-workers 0 \
+    --log-every 100 --ckpt-every "$STEPS" --grid-every 0 --cache-latents --resume auto
+
+CKPT="$(ls "$OUT"/results/*-DiT-Ti-2/checkpoints/*.pt | sort | tail -n 1)"
+python sample.py --ckpt "$CKPT" --num-samples 100 --batch-size 50 --cfg-scale 3.0 \
+    --sampler ddim --num-sampling-steps 25 --seed 0 \
+    --output-dir "$OUT/samples" --exact-output-dir --grid-dir "$OUT/grids"
+
+echo "DiT demo: checkpoint $CKPT"
+echo "DiT demo: samples in $OUT/samples/<class_name>/, one grid per class in $OUT/grids/"
