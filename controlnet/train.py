@@ -14,6 +14,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -180,9 +181,14 @@ def save_checkpoint(accelerator, state, path):
         try:
             torch.save(state, tmp)
             os.replace(tmp, path)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
             tmp.unlink(missing_ok=True)
-            print(f"error: cannot write {path}: {e.strerror or e}; the previous checkpoint is intact",
+            # torch.save's zip writer reports a full disk as RuntimeError ('inline_container'/'PytorchStreamWriter')
+            if isinstance(e, RuntimeError) and "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
+                raise
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else \
+                f"the write failed (disk full? {shutil.disk_usage(Path(path).parent).free // 1024} KiB free)"
+            print(f"error: cannot write {path}: {reason}; the previous checkpoint is intact",
                   file=sys.stderr, flush=True)
             ok = 0.0
     flag = torch.tensor([ok], device=accelerator.device)

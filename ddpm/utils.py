@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import pickle
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -174,7 +175,9 @@ def atomic_torch_save(obj, path):
     except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a full disk as RuntimeError
         if tmp and os.path.exists(tmp):
             os.unlink(tmp)
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:160]
+        reason = getattr(e, "strerror", None) or (  # torch's own text names no cause: say what is likely
+            f"the write failed (disk full? {shutil.disk_usage(path.parent).free // 1024} KiB free)"
+            if isinstance(e, RuntimeError) else str(e).splitlines()[0][:160])
         raise TrainingError(f"cannot write {path}: {reason}; the previous checkpoint is intact")
 
 

@@ -79,8 +79,8 @@ class LabelEmbedder(nn.Module):
     def token_drop(self, labels, force_drop_ids=None):
         """Replace a random fraction (or the forced ones) of the labels by the null class."""
         if force_drop_ids is None:
-            # torch.rand on CPU (the default generator), as the official code draws it.
-            drop = (torch.rand(labels.shape[0]) < self.dropout_prob).to(labels.device)
+            # Drawn on the labels' device (its default generator), as the official code draws it.
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
         else:
             drop = force_drop_ids == 1
         return torch.where(drop, self.num_classes, labels)
@@ -197,7 +197,8 @@ class DiT(nn.Module):
         self.pos_embed.data.copy_(torch.from_numpy(pe).float().unsqueeze(0))
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the patch conv is a linear map of a patch
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        # The patch conv bias keeps PyTorch's default Conv2d init, like the official code: with the
+        # same seed the whole initial state dict is then identical to the official one.
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)

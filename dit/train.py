@@ -10,6 +10,7 @@ Testing hook: DIFFUSION_FAULT_NAN_AT_STEP=N makes the loss NaN at step N (to tes
 """
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -231,8 +232,13 @@ def save_checkpoint(state, path, logger):
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_save(state, path)
             logger.info(f"Saved checkpoint to {path}")
-        except OSError as e:
-            print(f"error: cannot write {path}: {e.strerror or e}; the previous checkpoint is intact",
+        except (OSError, RuntimeError) as e:
+            # torch.save's zip writer reports a full disk as RuntimeError ('inline_container'/'PytorchStreamWriter')
+            if isinstance(e, RuntimeError) and "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
+                raise
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else \
+                f"the write failed (disk full? {shutil.disk_usage(path.parent).free // 1024} KiB free)"
+            print(f"error: cannot write {path}: {reason}; the previous checkpoint is intact",
                   file=sys.stderr, flush=True)
             ok.zero_()
     if dist.is_initialized():

@@ -1,0 +1,240 @@
+"""Class-folder image data for the LDM: validation, loading to [-1, 1], splits, batch order, latent cache.
+
+    data_root/<class_name>/<image>.png   (class names sorted -> labels 0..C-1)
+
+Not run directly; `train.py` and `train_vae.py` use it. Every file is opened and its header verified
+up front so a broken file is named before any training starts. Grayscale data (including 16-bit PNGs,
+scaled from 0..65535, never clipped) stays 1-channel here; RGBA drops alpha; palette images become RGB.
+Randomness (order, flips) is a pure function of (seed, epoch, index), so resumed runs and any
+`--num_workers` see the same batches.
+"""
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from utils import UserError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def list_images(folder):
+    """Sorted image files (by extension, hidden files skipped) directly inside `folder`."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS)
+
+
+def scan_class_folders(root):
+    """Validate `root/<class>/<images>`; return (class_names, [(path, label)], channels 1 or 3)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"--data_root {root} is not a folder")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        loose = list_images(root)
+        hint = (f" (it holds {len(loose)} images directly; put them in one subfolder per class)"
+                if loose else " (it is empty)")
+        raise UserError(f"--data_root {root} has no class subfolders{hint}")
+    samples, modes = [], set()
+    for label, name in enumerate(classes):
+        files = list_images(root / name)
+        if not files:
+            raise UserError(f"class folder {root / name} has no images ({', '.join(sorted(IMAGE_EXTS))}); "
+                            f"add images or remove the folder")
+        for f in files:
+            modes.add(verify_image(f))
+            samples.append((f, label))
+    channels = 1 if modes <= GRAY_MODES else 3
+    return classes, samples, channels
+
+
+def verify_image(path):
+    """Open and verify an image file's structure without decoding it; return its PIL mode."""
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            im.verify()
+    except Exception as e:
+        raise UserError(f"{path} is not a readable image ({type(e).__name__}: {e}); "
+                        f"remove or replace the file") from None
+    return mode
+
+
+def load_image(path, image_size, channels):
+    """Decode, convert to float [0,1], resize shorter side + centre crop, return (channels,H,W) in [-1,1]."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+                # 16-bit grayscale: scale the full 0..65535 range explicitly instead of clipping to 8 bit
+                arr = np.asarray(im, dtype=np.float64) / 65535.0
+                arr = arr[..., None]
+            elif im.mode == "F":
+                arr = np.asarray(im, dtype=np.float64)
+                arr = (arr / 255.0 if arr.max() > 1.0 else arr)[..., None]
+            elif im.mode in GRAY_MODES:
+                arr = np.asarray(im.convert("L"), dtype=np.float64)[..., None] / 255.0
+            else:
+                arr = np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
+    except Exception as e:
+        raise UserError(f"{path} could not be decoded ({type(e).__name__}: {e}); remove or replace it") from None
+    x = torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1)
+    if x.shape[0] != channels:
+        x = x.expand(channels, -1, -1) if x.shape[0] == 1 else x.mean(0, keepdim=True)
+    x = resize_center_crop(x, image_size)
+    return x.clamp(0, 1) * 2 - 1
+
+
+def resize_center_crop(x, size):
+    """Resize (C,H,W) so the shorter side is `size` (antialiased bicubic), then centre-crop to size x size."""
+    _, h, w = x.shape
+    if (h, w) != (size, size):
+        scale = size / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0]
+        top, left = (nh - size) // 2, (nw - size) // 2
+        x = x[:, top:top + size, left:left + size]
+    return x.contiguous()
+
+
+def flip_decision(seed, epoch, index):
+    """Whether sample `index` is flipped in `epoch`: a pure function, independent of workers and resume."""
+    return bool(np.random.default_rng([seed, epoch, index]).random() < 0.5)
+
+
+def split_train_val(labels, class_names, val_split, seed):
+    """Stratified split: per class round(val_split * n) (at least 1) images held out; return index lists."""
+    labels = np.asarray(labels)
+    if val_split <= 0:
+        return list(range(len(labels))), []
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c, name in enumerate(class_names):
+        idx = np.flatnonzero(labels == c)
+        n_val = max(1, int(round(val_split * len(idx))))
+        if len(idx) - n_val < 1:
+            raise UserError(f"class '{name}' has {len(idx)} image(s); --val_split {val_split} needs at least "
+                            f"{n_val + 1} per class (validation + training); add images or pass --val_split 0")
+        idx = rng.permutation(idx)
+        val += idx[:n_val].tolist()
+        train += idx[n_val:].tolist()
+    return sorted(train), sorted(val)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Items are (image in [-1,1], label, index); keys are (index, epoch) so flips follow (seed, epoch, index)."""
+
+    def __init__(self, samples, image_size, channels, seed=0, random_flip=False):
+        self.samples, self.image_size, self.channels = samples, image_size, channels
+        self.seed, self.random_flip = seed, random_flip
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, -1)
+        path, label = self.samples[index]
+        x = load_image(path, self.image_size, self.channels)
+        if self.random_flip and epoch >= 0 and flip_decision(self.seed, epoch, index):
+            x = x.flip(-1)
+        return x, label, index
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Cached posterior (mean, std) per image; the flipped image's posterior when the flip says so."""
+
+    def __init__(self, cache, labels, seed=0, random_flip=False):
+        self.cache, self.labels, self.seed, self.random_flip = cache, labels, seed, random_flip
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, -1)
+        c = self.cache
+        if self.random_flip and epoch >= 0 and flip_decision(self.seed, epoch, index):
+            return c["mean_flip"][index], c["std_flip"][index], self.labels[index], index
+        return c["mean"][index], c["std"][index], self.labels[index], index
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """This rank's batches of one epoch: a permutation seeded by (seed, epoch), cut into global batches.
+
+    Each global batch of batch_size * world_size indices is split by rank; the last incomplete global
+    batch is dropped so every rank takes the same number of steps. `start` skips batches already
+    consumed before a resume.
+    """
+
+    def __init__(self, indices, batch_size, world_size, rank, seed, epoch, start=0, shuffle=True):
+        self.indices, self.batch_size, self.world, self.rank = list(indices), batch_size, world_size, rank
+        self.seed, self.epoch, self.start, self.shuffle = seed, epoch, start, shuffle
+
+    @staticmethod
+    def num_batches(n, batch_size, world_size):
+        """Batches per epoch per rank."""
+        return n // (batch_size * world_size)
+
+    def __len__(self):
+        return max(0, self.num_batches(len(self.indices), self.batch_size, self.world) - self.start)
+
+    def __iter__(self):
+        order = self.indices
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = [self.indices[i] for i in torch.randperm(len(self.indices), generator=g).tolist()]
+        gb = self.batch_size * self.world
+        for b in range(self.start, self.num_batches(len(order), self.batch_size, self.world)):
+            chunk = order[b * gb + self.rank * self.batch_size: b * gb + (self.rank + 1) * self.batch_size]
+            yield [(i, self.epoch) for i in chunk]
+
+
+def data_fingerprint(samples, root):
+    """Names, sizes and mtimes of every data file (what decides whether a latent cache is still valid)."""
+    root = Path(root)
+    out = []
+    for path, label in samples:
+        st = os.stat(path)
+        out.append([str(Path(path).relative_to(root)), label, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def cache_key(samples, root, image_size, random_flip, vae_identity):
+    """Hex digest of everything the cached latents depend on."""
+    blob = json.dumps({"files": data_fingerprint(samples, root), "image_size": image_size,
+                       "flip": bool(random_flip), "vae": vae_identity}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_latent_cache(path, key):
+    """The cache dict at `path` if its key matches, else None."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    return cache if isinstance(cache, dict) and cache.get("key") == key else None
+
+
+@torch.no_grad()
+def encode_dataset(samples, image_size, channels, encode, batch_size, random_flip, num_workers=0):
+    """Run `encode(images) -> (mean, std)` over every sample (and its mirror image if flips are on)."""
+    ds = ImageDataset(samples, image_size, channels)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    out = {"mean": [], "std": [], "mean_flip": [], "std_flip": []}
+    for x, _, _ in loader:
+        m, s = encode(x)
+        out["mean"].append(m.float().cpu())
+        out["std"].append(s.float().cpu())
+        if random_flip:
+            m, s = encode(x.flip(-1))
+            out["mean_flip"].append(m.float().cpu())
+            out["std_flip"].append(s.float().cpu())
+    return {k: (torch.cat(v) if v else None) for k, v in out.items()}

@@ -1,0 +1,220 @@
+"""Generate class-conditional images from an LDM checkpoint with classifier-free guidance.
+
+    cd ldm
+    python inference.py --checkpoint ./ldm_checkpoints/checkpoint_best.pt --output_dir ./generated \
+        --num_samples 10 --cfg_scale 3.0 --save_grid                      # every class
+    python inference.py --checkpoint ./ldm_checkpoints/checkpoint_best.pt --class_label "class_name" \
+        --num_samples 20 --cfg_scale 4.0 --seed 42                        # one class, by name
+
+Images go to <output_dir>/<checkpoint>_<scheduler><steps>_cfg<scale>_seed<seed>[_raw]/ as
+<class_name>_seed<S>.png, one PNG per image; image j of class c uses seed + 1000000*c + j, so the
+output does not depend on --batch_size. Existing files are never overwritten: a rerun only fills in
+what is missing. The model is rebuilt from the checkpoint (EMA weights unless --no_ema).
+"""
+import argparse
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models import SCHEDULERS, denoiser_from_checkpoint, load_vae, sample_images
+from utils import (UserError, add_flag, load_checkpoint, resolve_precision, run_main, save_png_exclusive,
+                   setup_cuda_speedups)
+
+REQUIRED_KEYS = ("unet_config", "unet", "class_embedder", "class_names", "num_classes", "vae",
+                 "vae_scaling_factor", "image_size", "image_channels", "noise_scheduler_config")
+SEED_STRIDE = 1_000_000  # seeds of different classes never collide for < 1e6 images per class
+
+
+def add_sampling_flags(p):
+    """Flags shared by inference.py and inference_per_class.py."""
+    add_flag(p, "checkpoint", required=True, help="LDM checkpoint (checkpoint_best.pt / checkpoint_last.pt)")
+    add_flag(p, "cfg_scale", type=float, default=3.0, help="classifier-free guidance strength (1 = off)")
+    add_flag(p, "num_inference_steps", type=int, default=50)
+    add_flag(p, "scheduler", default="ddim", choices=list(SCHEDULERS), help="diffusers sampler")
+    add_flag(p, "batch_size", type=int, default=16, help="images per forward pass (memory)")
+    add_flag(p, "seed", type=int, default=42)
+    add_flag(p, "mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    add_flag(p, "no_ema", action="store_true", help="use the raw weights even if EMA weights exist")
+    add_flag(p, "vae", default=None, help="override the VAE recorded in the checkpoint (hub id or folder)")
+    add_flag(p, "trust_checkpoint", action="store_true", help="allow loading pickled checkpoints")
+
+
+def check_sampling_args(a):
+    """Range checks naming the flag."""
+    if a.num_inference_steps < 1:
+        raise UserError("--num_inference_steps must be >= 1")
+    if a.batch_size < 1:
+        raise UserError("--batch_size must be >= 1")
+    if a.cfg_scale < 0:
+        raise UserError("--cfg_scale must be >= 0")
+    if a.scheduler == "ddpm" and a.num_inference_steps > 1000:
+        raise UserError("--num_inference_steps must be <= the training timesteps (1000)")
+
+
+def load_ldm(path, trust=False):
+    """Load and sanity-check an LDM checkpoint."""
+    ckpt = load_checkpoint(path, trust=trust, expect_type="ldm")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is an incomplete LDM checkpoint (missing {missing})")
+    return ckpt
+
+
+def resolve_classes(ckpt, names):
+    """Class names -> indices; an unknown name is an error listing the valid ones."""
+    valid = list(ckpt["class_names"])
+    if not names:
+        return list(range(len(valid)))
+    out = []
+    for n in names:
+        if n not in valid:
+            raise UserError(f"unknown class '{n}'; valid class names: {', '.join(valid)}")
+        out.append(valid.index(n))
+    return out
+
+
+def image_seed(base, class_idx, j):
+    """Seed of the j-th image of a class."""
+    return base + SEED_STRIDE * class_idx + j
+
+
+def to_pil(img):
+    """(C,H,W) float in [0,1] -> 8-bit grayscale or RGB PIL image."""
+    arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return Image.fromarray(arr[0], mode="L") if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0), "RGB")
+
+
+class Generator:
+    """Loaded model + VAE + settings; `run(jobs)` writes the images of [(class_idx, seed, path)] in batches."""
+
+    def __init__(self, args, log=print):
+        self.args, self.log = args, log
+        self.ckpt = load_ldm(args.checkpoint, args.trust_checkpoint)
+        vae_name = args.vae or self.ckpt["vae"]
+        self.vae, _ = load_vae(vae_name)
+        c = self.ckpt
+        self.factor = c["image_size"] // c["unet_config"]["sample_size"]
+        self.latent_size = c["unet_config"]["sample_size"]
+        self.latent_channels = c["unet_config"]["in_channels"]
+        if self.vae.config.latent_channels != self.latent_channels:
+            raise UserError(f"VAE '{vae_name}' has {self.vae.config.latent_channels} latent channels but the "
+                            f"checkpoint's UNet expects {self.latent_channels}; pass the VAE it was trained with")
+
+    def setup(self):
+        """Move to the device, build the denoiser (heavy part, after all checks)."""
+        setup_cuda_speedups()
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        prec = resolve_precision(self.args.mixed_precision)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else None
+        self.denoiser, self.used_ema = denoiser_from_checkpoint(self.ckpt, use_ema=not self.args.no_ema)
+        self.denoiser.to(self.device)
+        if self.device.type == "cuda":
+            self.denoiser.unet.to(memory_format=torch.channels_last)
+        self.vae.to(self.device)
+        self.log(f"model: {'EMA' if self.used_ema else 'raw'} weights, {self.ckpt['num_classes']} classes, "
+                 f"{self.ckpt['image_size']}px, latents {self.latent_channels}x{self.latent_size}x{self.latent_size}; "
+                 f"sampler {self.args.scheduler} {self.args.num_inference_steps} steps, cfg {self.args.cfg_scale}, "
+                 f"device {self.device}, precision {prec}")
+
+    def run(self, jobs):
+        """Generate the missing images of `jobs`; return (written, batches, seconds)."""
+        from tqdm import tqdm
+        a, c = self.args, self.ckpt
+        todo = [j for j in jobs if not Path(j[2]).exists()]
+        if len(todo) < len(jobs):
+            self.log(f"{len(jobs) - len(todo)} of {len(jobs)} images already exist; generating the other {len(todo)}")
+        written, batches, t0 = 0, 0, time.time()
+        bar = tqdm(total=len(todo), desc="sampling", unit="img", dynamic_ncols=True)
+        for i in range(0, len(todo), a.batch_size):
+            chunk = todo[i:i + a.batch_size]
+            imgs = sample_images(self.denoiser, self.vae, [j[0] for j in chunk], [j[1] for j in chunk],
+                                 latent_channels=self.latent_channels, latent_size=self.latent_size,
+                                 scaling_factor=c["vae_scaling_factor"], image_channels=c["image_channels"],
+                                 noise_config=c["noise_scheduler_config"], scheduler=a.scheduler,
+                                 num_steps=a.num_inference_steps, cfg_scale=a.cfg_scale, device=self.device,
+                                 autocast=self.autocast)
+            for img, (_, _, path) in zip(imgs, chunk):
+                written += save_png_exclusive(to_pil(img), path)  # never overwrites a concurrent run's file
+            batches += 1
+            bar.update(len(chunk))
+        bar.close()
+        return written, batches, time.time() - t0
+
+    def report(self, written, batches, seconds):
+        """Timing statistics after sampling."""
+        steps = self.args.num_inference_steps
+        self.log(f"images generated: {written}, inference steps: {steps}, total time: {seconds:.2f}s")
+        if written:
+            self.log(f"time per image: {seconds / written:.3f}s, per denoising step (one batch): "
+                     f"{seconds / max(1, batches * steps) * 1000:.1f} ms")
+
+
+def write_grid(rows_of_paths, image_channels, path):
+    """Rows = classes, columns = that class's images (existing files only); written via atomic replace."""
+    import torchvision
+    tiles, ncol = [], max(len(r) for r in rows_of_paths)
+    for row in rows_of_paths:
+        for f in row:
+            with Image.open(f) as im:
+                arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+            tiles.append(torch.from_numpy(arr).permute(2, 0, 1))
+        tiles += [torch.ones_like(tiles[-1])] * (ncol - len(row)) if tiles else []
+    if not tiles:
+        return None
+    grid = torchvision.utils.make_grid(torch.stack(tiles), nrow=ncol, padding=2, pad_value=1.0)
+    img = to_pil(grid)
+    if image_channels == 1:
+        img = img.convert("L")
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    try:
+        img.save(tmp, format="PNG")
+        tmp.replace(path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    return path
+
+
+def main(argv=None):
+    """Parse flags, check inputs, generate."""
+    p = argparse.ArgumentParser(description="Generate images from an LDM checkpoint.")
+    add_sampling_flags(p)
+    add_flag(p, "output_dir", default="./generated")
+    add_flag(p, "num_samples", type=int, default=10, help="images per class")
+    add_flag(p, "class_label", default=None, help="class name to generate (default: every class)")
+    add_flag(p, "save_grid", action="store_true", help="also write grid.png (one row per class)")
+    args = p.parse_args(argv)
+    check_sampling_args(args)
+    if args.num_samples < 1:
+        raise UserError("--num_samples must be >= 1")
+    gen = Generator(args)
+    names = gen.ckpt["class_names"]
+    classes = resolve_classes(gen.ckpt, [args.class_label] if args.class_label is not None else None)
+    tag = (f"{Path(args.checkpoint).stem}_{args.scheduler}{args.num_inference_steps}_cfg{args.cfg_scale:g}"
+           f"_seed{args.seed}{'_raw' if args.no_ema else ''}")
+    folder = Path(args.output_dir).expanduser() / tag
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder {folder}: {e.strerror or e}") from None
+    gen.setup()
+    jobs = [(c, image_seed(args.seed, c, j), folder / f"{names[c]}_seed{image_seed(args.seed, c, j)}.png")
+            for c in classes for j in range(args.num_samples)]
+    written, batches, secs = gen.run(jobs)
+    gen.report(written, batches, secs)
+    if args.save_grid:
+        rows = [[j[2] for j in jobs if j[0] == c and Path(j[2]).exists()] for c in classes]
+        grid = write_grid(rows, gen.ckpt["image_channels"], folder / "grid.png")
+        print(f"grid: {grid}")
+    print(f"images in {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

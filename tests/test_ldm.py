@@ -1,0 +1,415 @@
+"""Tests of ldm/: shapes, CFG dropout, training + checkpoints + exact resume, 2-process accelerate,
+inference by class name, per-class generation and resumption, train_vae.py as --vae, cached latents,
+bf16 vs fp32, and every bad input's message. Tiny configs on CPU; a random AutoencoderKL saved in
+diffusers format stands in for the pretrained VAE (no downloads).
+
+    OMP_NUM_THREADS=1 python -m pytest tests/test_ldm.py -q
+"""
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from repo_helpers import free_port, load_folder, run_script, script_env
+
+train, inference, inference_per_class, models, dataset, utils = load_folder(
+    "ldm", "train", "inference", "inference_per_class", "models", "dataset", "utils")
+
+TINY_UNET = ["--unet_preset", "tiny", "--block_out_channels", "16", "32", "--norm_num_groups", "8",
+             "--cross_attention_dim", "16", "--attention_head_dim", "2"]
+CLASSES = ["cls_a", "cls_b", "cls_c"]
+CKPT_KEYS = {"model_type", "format_version", "unet_config", "unet", "ema_unet", "class_embedder",
+             "ema_class_embedder", "class_names", "num_classes", "vae", "vae_scaling_factor", "image_size",
+             "image_channels", "noise_scheduler_config", "config", "optimizer", "lr_scheduler", "scaler", "step",
+             "epoch", "position_in_epoch", "rng_state", "best_val_loss"}
+
+
+def write_classes(root, per_class=6, size=16, classes=CLASSES, seed=0):
+    """Grayscale class folders: noise plus a bright bar whose row depends on the class."""
+    rng = np.random.default_rng(seed)
+    for k, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 60, (size, size)).astype(np.uint8)
+            img[3 + 4 * k: 5 + 4 * k, :] = 230
+            Image.fromarray(img, mode="L").save(root / name / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    """A random 2-level AutoencoderKL (factor 2, 4 latent channels) in diffusers format."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=16)
+    path = tmp_path_factory.mktemp("vae") / "tiny_vae"
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_classes(tmp_path_factory.mktemp("data") / "classes")
+
+
+def base_flags(data, vae, out):
+    return ["--data_root", str(data), "--output_dir", str(out), "--vae", str(vae), "--image_size", "16",
+            "--batch_size", "4", "--num_epochs", "2", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
+            "--val_split", "0.34", "--sample_every_epochs", "1", "--grid_per_class", "1", "--log_every_steps", "1",
+            "--seed", "0"] + TINY_UNET
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data, tiny_vae):
+    """An uninterrupted 2-epoch run (3 steps per epoch)."""
+    out = tmp_path_factory.mktemp("run") / "full"
+    proc = run_script("ldm", ["train.py"] + base_flags(data, tiny_vae, out))
+    return out, proc
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def user_error(capsys, fn, argv):
+    """Run fn via run_main; return the stderr line of the expected exit code 2."""
+    with pytest.raises(SystemExit) as e:
+        utils.run_main(fn, argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    return err
+
+
+# ---------------------------------------------------------------- models
+def test_shapes_and_vae_factor(tiny_vae):
+    vae, source = models.load_vae(str(tiny_vae))
+    assert models.vae_downsample_factor(vae) == 2 and vae.config.latent_channels == 4
+    assert os.path.isabs(source)
+    kw = models.unet_kwargs("tiny", block_out_channels=[16, 32], norm_num_groups=8, cross_attention_dim=16,
+                            attention_head_dim=2)
+    unet = models.build_unet(8, 4, **kw)
+    emb = models.ClassEmbedder(3, 16)
+    assert emb.embedding.weight.shape == (4, 16)
+    labels = torch.tensor([0, 2, 3])
+    assert emb(labels).shape == (3, 1, 16)
+    out = models.Denoiser(unet, emb)(torch.randn(3, 4, 8, 8), torch.tensor([1, 500, 999]), labels)
+    assert out.shape == (3, 4, 8, 8) and torch.isfinite(out).all()
+    mean, std = models.vae_posterior(vae, torch.zeros(2, 1, 16, 16))  # grayscale fed as 3 equal channels
+    assert mean.shape == std.shape == (2, 4, 8, 8)
+    imgs = models.decode_to_images(vae, torch.randn(2, 4, 8, 8), 0.18215, 1)
+    assert imgs.shape == (2, 1, 16, 16) and imgs.min() >= 0 and imgs.max() <= 1
+    with pytest.raises(utils.UserError, match="divisible by 2"):
+        models.build_unet(6, 4, **models.unet_kwargs("small"))  # 3 levels need latents divisible by 4
+
+
+def test_cfg_dropout_rate():
+    g = torch.Generator().manual_seed(0)
+    _, drop, _, _ = train.draw_noise(g, (200_000, 1, 1, 1), 0.1, 1000)
+    assert abs(drop.float().mean().item() - 0.1) < 0.005
+    _, drop0, _, _ = train.draw_noise(g, (1000, 1, 1, 1), 0.0, 1000)
+    assert not drop0.any()
+    emb = models.ClassEmbedder(5, 4)
+    dropped = emb.drop_labels(torch.zeros(100_000, dtype=torch.long), 0.3, torch.Generator().manual_seed(1))
+    assert set(dropped.unique().tolist()) == {0, 5}
+    assert abs((dropped == 5).float().mean().item() - 0.3) < 0.01
+
+
+def test_samplers_finite_and_batch_size_independent(tiny_vae):
+    vae, _ = models.load_vae(str(tiny_vae))
+    torch.manual_seed(0)
+    kw = models.unet_kwargs("tiny", block_out_channels=[16, 32], norm_num_groups=8, cross_attention_dim=16,
+                            attention_head_dim=2)
+    den = models.Denoiser(models.build_unet(8, 4, **kw), models.ClassEmbedder(3, 16)).eval()
+    common = dict(latent_channels=4, latent_size=8, scaling_factor=0.18215, image_channels=1,
+                  noise_config=models.DEFAULT_NOISE_SCHEDULE, num_steps=3, cfg_scale=3.0)
+    for name in ("ddpm", "ddim", "dpmsolver"):
+        imgs = models.sample_images(den, vae, [0, 1, 2], [5, 6, 7], scheduler=name, **common)
+        assert imgs.shape == (3, 1, 16, 16) and torch.isfinite(imgs).all(), name
+    # image i depends only on its own seed, not on what else is in the batch (DDPM is stochastic per step)
+    one = models.sample_images(den, vae, [1], [6], scheduler="ddpm", **common)
+    three = models.sample_images(den, vae, [0, 1, 2], [5, 6, 7], scheduler="ddpm", **common)
+    assert torch.allclose(one[0], three[1], atol=1e-5)
+
+
+def test_bf16_and_fp32_losses_agree(tiny_vae):
+    torch.manual_seed(0)
+    kw = models.unet_kwargs("tiny", block_out_channels=[16, 32], norm_num_groups=8, cross_attention_dim=16,
+                            attention_head_dim=2)
+    den = models.Denoiser(models.build_unet(8, 4, **kw), models.ClassEmbedder(3, 16))
+    sched = train.DDPMScheduler(**models.DEFAULT_NOISE_SCHEDULE)
+    mean, std = torch.randn(8, 4, 8, 8), torch.rand(8, 4, 8, 8) * 0.1
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    rand = train.draw_noise(torch.Generator().manual_seed(3), mean.shape, 0.1, 1000)
+    fp32 = train.diffusion_loss(den, mean, std, labels, rand, sched, 0.18215, 3, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = train.diffusion_loss(den, mean, std, labels, rand, sched, 0.18215, 3, "cpu")
+    assert torch.isfinite(fp32) and torch.isfinite(bf16)
+    assert abs(fp32.item() - bf16.item()) < 0.03 * fp32.item()
+
+
+# ---------------------------------------------------------------- data
+def test_16bit_and_rgba_images_are_accepted(tmp_path):
+    arr = np.array([[0, 32768], [65535, 16384]], dtype=np.uint16)
+    Image.fromarray(arr).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    x = dataset.load_image(tmp_path / "g16.png", 2, 1)
+    assert x.shape == (1, 2, 2)
+    assert torch.allclose(x[0], torch.tensor(arr / 65535.0 * 2 - 1, dtype=torch.float32), atol=1e-4)
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 255, 0  # fully transparent red: alpha is dropped, the colour kept
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "c.png")
+    y = dataset.load_image(tmp_path / "c.png", 8, 3)
+    assert y.shape == (3, 8, 8) and torch.allclose(y[0], torch.ones(8, 8)) and torch.allclose(y[1], -torch.ones(8, 8))
+
+
+def test_cache_latents_equal_on_the_fly_and_invalidation(tmp_path, tiny_vae):
+    data = write_classes(tmp_path / "d", per_class=3)
+    vae, source = models.load_vae(str(tiny_vae))
+    names, samples, ch = dataset.scan_class_folders(data)
+    encode = lambda x: models.vae_posterior(vae, x)
+    cache = dataset.encode_dataset(samples, 16, ch, encode, 4, random_flip=True)
+    labels = [lbl for _, lbl in samples]
+    cached = dataset.LatentDataset(cache, labels, seed=3, random_flip=True)
+    images = dataset.ImageDataset(samples, 16, ch, seed=3, random_flip=True)
+    keys = [(i, 5) for i in range(len(samples))]
+    flips = [dataset.flip_decision(3, 5, i) for i in range(len(samples))]
+    assert any(flips) and not all(flips)  # both branches are exercised
+    m_c = torch.stack([cached[k][0] for k in keys])
+    s_c = torch.stack([cached[k][1] for k in keys])
+    with torch.no_grad():
+        m_f, s_f = encode(torch.stack([images[k][0] for k in keys]))
+    assert torch.allclose(m_c, m_f, atol=1e-5) and torch.allclose(s_c, s_f, atol=1e-5)
+    torch.manual_seed(0)
+    kw = models.unet_kwargs("tiny", block_out_channels=[16, 32], norm_num_groups=8, cross_attention_dim=16,
+                            attention_head_dim=2)
+    den = models.Denoiser(models.build_unet(8, 4, **kw), models.ClassEmbedder(3, 16))
+    sched = train.DDPMScheduler(**models.DEFAULT_NOISE_SCHEDULE)
+    rand = train.draw_noise(torch.Generator().manual_seed(1), m_c.shape, 0.1, 1000)
+    lab = torch.tensor(labels)
+    with torch.no_grad():
+        l_c = train.diffusion_loss(den, m_c, s_c, lab, rand, sched, 0.18215, 3, "cpu")
+        l_f = train.diffusion_loss(den, m_f, s_f, lab, rand, sched, 0.18215, 3, "cpu")
+    assert abs(l_c.item() - l_f.item()) < 1e-5
+    # the cache key follows file names/sizes/mtimes and the VAE identity
+    ident = models.vae_identity(vae, source)
+    key = dataset.cache_key(samples, data, 16, True, ident)
+    assert key == dataset.cache_key(samples, data, 16, True, ident)
+    assert key != dataset.cache_key(samples, data, 16, False, ident)
+    assert key != dataset.cache_key(samples, data, 16, True, "other-vae")
+    Image.fromarray(np.full((16, 17), 9, np.uint8), mode="L").save(samples[0][0])
+    assert key != dataset.cache_key(samples, data, 16, True, ident)
+
+
+def test_cache_latents_end_to_end(tmp_path, data, tiny_vae):
+    """--cache_latents builds once, is reused, is rebuilt after a data file changes; losses match on-the-fly."""
+    d = tmp_path / "d"
+    write_classes(d)
+    flags = lambda out: base_flags(d, tiny_vae, out) + ["--max_train_steps", "2", "--random_flip",
+                                                         "--sample_every_epochs", "0"]
+    out = tmp_path / "cached"
+    first = run_script("ldm", ["train.py", "--cache_latents"] + flags(out)).stdout
+    assert "building latent cache" in first and (out / "latent_cache.pt").is_file()
+    plain = run_script("ldm", ["train.py"] + flags(tmp_path / "plain")).stdout
+    losses = lambda s: [float(x) for x in re.findall(r"loss ([0-9.]+) lr", s)]
+    assert len(losses(first)) == 2 and np.allclose(losses(first), losses(plain), atol=2e-6)
+    second = run_script("ldm", ["train.py", "--cache_latents"] + flags(out)).stdout
+    assert "reusing latent cache" in second
+    Image.fromarray(np.zeros((16, 16), np.uint8), mode="L").save(d / "cls_a" / "000.png")
+    third = run_script("ldm", ["train.py", "--cache_latents"] + flags(out)).stdout
+    assert "building latent cache" in third
+
+
+# ---------------------------------------------------------------- training
+def test_train_writes_best_and_last_checkpoints(trained):
+    out, proc = trained
+    assert "world size 1" in proc.stdout and "UNet" in proc.stdout and "class embedder" in proc.stdout
+    assert re.search(r"total\s+[\d,]+\s+[\d,]+\s+[\d,]+", proc.stdout)  # parameter table
+    last, best = load(out / "checkpoint_last.pt"), load(out / "checkpoint_best.pt")
+    assert set(last) == CKPT_KEYS
+    assert last["model_type"] == "ldm" and last["format_version"] == 1
+    assert last["step"] == 6 and last["epoch"] == 2 and best["step"] in (3, 6)
+    assert last["class_names"] == CLASSES and last["num_classes"] == 3
+    assert last["image_size"] == 16 and last["image_channels"] == 1
+    assert os.path.isabs(last["vae"]) and last["vae_scaling_factor"] == pytest.approx(0.18215)
+    assert set(last["noise_scheduler_config"]) == {"num_train_timesteps", "beta_schedule", "beta_start",
+                                                  "beta_end", "prediction_type"}
+    assert last["class_embedder"]["embedding.weight"].shape == (4, 16)
+    assert set(last["class_embedder"]) == {"embedding.weight"} == set(last["ema_class_embedder"])
+    json.dumps(last["unet_config"])  # plain JSON-able values
+    unet = models.UNet2DConditionModel.from_config(last["unet_config"])
+    unet.load_state_dict(last["ema_unet"])
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in last["unet"])
+    assert not torch.equal(last["unet"]["conv_in.weight"], last["ema_unet"]["conv_in.weight"])
+    assert "validation loss" in proc.stdout and np.isfinite(last["best_val_loss"])
+    assert list((out / "tensorboard").iterdir())
+
+
+def test_resume_is_bit_identical(tmp_path, data, tiny_vae, trained):
+    full, _ = trained
+    out = tmp_path / "resumed"
+    flags = base_flags(data, tiny_vae, out)
+    run_script("ldm", ["train.py"] + flags + ["--max_train_steps", "4"])  # stops 1 step into epoch 2
+    mid = load(out / "checkpoint_last.pt")
+    assert mid["step"] == 4 and mid["epoch"] == 1 and mid["position_in_epoch"] == 1
+    proc = run_script("ldm", ["train.py"] + flags + ["--resume"])
+    assert "resumed from" in proc.stdout and "step 4" in proc.stdout
+    a, b = load(full / "checkpoint_last.pt"), load(out / "checkpoint_last.pt")
+    assert b["step"] == 6
+    for key in ("unet", "ema_unet", "class_embedder", "ema_class_embedder"):
+        for name, t in a[key].items():
+            assert torch.equal(t, b[key][name]), (key, name)
+    for pid, st in a["optimizer"]["state"].items():
+        for name, t in st.items():
+            assert torch.equal(t, b["optimizer"]["state"][pid][name]), (pid, name)
+    assert a["best_val_loss"] == b["best_val_loss"]
+
+
+def test_accelerate_two_processes(tmp_path, data, tiny_vae):
+    out = tmp_path / "ddp"
+    flags = base_flags(data, tiny_vae, out)
+    flags[flags.index("--batch_size") + 1] = "2"
+    proc = run_script("ldm", ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                              str(free_port()), "train.py"] + flags + ["--max_train_steps", "2"])
+    log = (out / "log.txt").read_text()
+    assert "world size 2" in log and "MULTI_CPU" in log
+    assert "global batch 4" in log
+    assert load(out / "checkpoint_last.pt")["step"] == 2
+
+
+def test_train_vae_output_loads_as_vae(tmp_path, data):
+    vae_dir = tmp_path / "my_vae"
+    run_script("ldm", ["train_vae.py", "--data_root", str(data), "--output_dir", str(vae_dir), "--image_size", "16",
+                       "--preset", "tiny", "--block_out_channels", "8", "16", "--norm_num_groups", "8",
+                       "--batch_size", "6", "--num_epochs", "1", "--scale_images", "18", "--log_every_steps", "1"])
+    cfg = json.loads((vae_dir / "config.json").read_text())
+    assert cfg["block_out_channels"] == [8, 16] and cfg["scaling_factor"] != pytest.approx(0.18215)
+    vae, _ = models.load_vae(str(vae_dir))
+    # the stored factor really whitens the data's latents
+    _, samples, ch = dataset.scan_class_folders(data)
+    x = torch.stack([dataset.load_image(p, 16, ch) for p, _ in samples])
+    with torch.no_grad():
+        m, s = models.vae_posterior(vae, x)
+    z = (m + s * torch.randn(m.shape, generator=torch.Generator().manual_seed(0))) * cfg["scaling_factor"]
+    assert 0.8 < z.std().item() < 1.25
+    out = tmp_path / "ldm_on_my_vae"
+    run_script("ldm", ["train.py"] + base_flags(data, vae_dir, out) + ["--max_train_steps", "1",
+                                                                       "--sample_every_epochs", "0"])
+    ck = load(out / "checkpoint_last.pt")
+    assert ck["vae"] == str(vae_dir.resolve()) and ck["vae_scaling_factor"] == pytest.approx(cfg["scaling_factor"])
+
+
+# ---------------------------------------------------------------- inference
+def test_inference_by_class_name_grid_and_no_overwrite(tmp_path, trained, capsys):
+    ckpt = str(trained[0] / "checkpoint_best.pt")
+    common = ["--checkpoint", ckpt, "--output_dir", str(tmp_path), "--num_inference_steps", "3", "--seed", "7"]
+    assert inference.main(common + ["--class_label", "cls_b", "--num_samples", "3", "--batch_size", "2",
+                                    "--scheduler", "dpmsolver", "--save_grid"]) == 0
+    folder = tmp_path / "checkpoint_best_dpmsolver3_cfg3_seed7"
+    files = sorted(p.name for p in folder.glob("*.png") if p.name != "grid.png")
+    assert files == [f"cls_b_seed{1_000_000 + 7 + j}.png" for j in range(3)]
+    im = Image.open(folder / files[0])
+    assert im.size == (16, 16) and im.mode == "L"  # grayscale data stays grayscale
+    assert Image.open(folder / "grid.png").size == (3 * 18 + 2, 18 + 2)
+    out = capsys.readouterr().out
+    assert "images generated: 3" in out and "time per image" in out
+    before = (folder / files[0]).stat().st_mtime_ns
+    inference.main(common + ["--class_label", "cls_b", "--num_samples", "3", "--scheduler", "dpmsolver"])
+    assert (folder / files[0]).stat().st_mtime_ns == before and "images generated: 0" in capsys.readouterr().out
+    # all classes, grid with one row per class
+    inference.main(common + ["--num_samples", "2", "--save_grid", "--scheduler", "ddim"])
+    grid = tmp_path / "checkpoint_best_ddim3_cfg3_seed7" / "grid.png"
+    assert Image.open(grid).size == (2 * 18 + 2, 3 * 18 + 2)
+
+
+def test_inference_per_class_counts_and_resume(tmp_path, trained, capsys):
+    ckpt = str(trained[0] / "checkpoint_best.pt")
+    argv = ["--checkpoint", ckpt, "--output_dir", str(tmp_path / "pc"), "--total_samples", "7", "--batch_size", "3",
+            "--num_inference_steps", "2", "--cfg_scale", "2.0"]
+    inference_per_class.main(argv)
+    counts = {c: len(list((tmp_path / "pc" / c).glob("*.png"))) for c in CLASSES}
+    assert counts == {"cls_a": 3, "cls_b": 2, "cls_c": 2}
+    victim = sorted((tmp_path / "pc" / "cls_c").glob("*.png"))[1]
+    victim.unlink()
+    capsys.readouterr()
+    inference_per_class.main(argv)
+    out = capsys.readouterr().out
+    assert "generating the other 1" in out and victim.exists()
+    err = user_error(capsys, inference_per_class.main, argv[:-1] + ["5.0"])
+    assert "other settings" in err
+
+
+# ---------------------------------------------------------------- bad inputs
+def test_bad_training_inputs(tmp_path, tiny_vae, capsys):
+    out = tmp_path / "out"
+    flags = lambda root, *extra: base_flags(root, tiny_vae, out) + list(extra)
+    (tmp_path / "empty").mkdir()
+    assert "has no class subfolders" in user_error(capsys, train.main, flags(tmp_path / "empty"))
+    bad = write_classes(tmp_path / "bad", per_class=3)
+    (bad / "cls_b" / "001.png").write_text("not an image")
+    err = user_error(capsys, train.main, flags(bad))
+    assert "001.png" in err and "not a readable image" in err
+    trunc = write_classes(tmp_path / "trunc", per_class=3)
+    raw = (trunc / "cls_a" / "002.png").read_bytes()
+    (trunc / "cls_a" / "002.png").write_bytes(raw[: len(raw) // 2])
+    assert "002.png" in user_error(capsys, train.main, flags(trunc))
+    ok = write_classes(tmp_path / "ok", per_class=3)
+    (ok / "cls_empty").mkdir()
+    assert "cls_empty has no images" in user_error(capsys, train.main, flags(ok))
+    (ok / "cls_empty").rmdir()
+    err = user_error(capsys, train.main, flags(ok) + ["--image_size", "12"])
+    assert "--image_size" in err and "multiple of 8" in err
+    few = write_classes(tmp_path / "few", per_class=3)
+    for f in list((few / "cls_c").iterdir())[1:]:
+        f.unlink()
+    err = user_error(capsys, train.main, flags(few))
+    assert "class 'cls_c' has 1 image" in err and "--val_split" in err
+    err = user_error(capsys, train.main, flags(ok) + ["--vae", str(tmp_path / "no_vae")])
+    assert "--vae /path/to/folder" in err
+    assert "--cfg_dropout" in user_error(capsys, train.main, flags(ok) + ["--cfg_dropout", "1.5"])
+    assert "nothing to resume" in user_error(capsys, train.main, flags(ok) + ["--resume"])
+    assert not out.exists()  # nothing written for bad input
+
+
+def test_missing_hub_vae_offline_cli(tmp_path):
+    data = write_classes(tmp_path / "d", per_class=3)
+    proc = run_script("ldm", ["train.py", "--data_root", str(data), "--output_dir", str(tmp_path / "o"),
+                              "--image_size", "16", "--batch_size", "2"], check=False,
+                      env=script_env(HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: cannot load VAE 'stabilityai/sd-vae-ft-mse'")
+    assert "--vae /path/to/folder" in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_bad_checkpoints_and_class_label(tmp_path, trained, capsys):
+    ckpt = trained[0] / "checkpoint_best.pt"
+    base = ["--output_dir", str(tmp_path / "g"), "--num_inference_steps", "2"]
+    err = user_error(capsys, inference.main, ["--checkpoint", str(ckpt), "--class_label", "cls_z"] + base)
+    assert "unknown class 'cls_z'" in err and "cls_a, cls_b, cls_c" in err
+    other = tmp_path / "dit.pt"
+    torch.save({"model_type": "dit", "model": {}}, other)
+    assert "is a 'dit' checkpoint" in user_error(capsys, inference.main, ["--checkpoint", str(other)] + base)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"model_type": "ldm", "args": re.compile("x")}, pickled)
+    err = user_error(capsys, inference.main, ["--checkpoint", str(pickled)] + base)
+    assert "not a plain checkpoint" in err and "--trust_checkpoint" in err
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    assert "not a checkpoint" in user_error(capsys, inference_per_class.main, ["--checkpoint", str(text)] + base)
+    err = user_error(capsys, train.main, ["--data_root", str(tmp_path), "--resume", str(other)])
+    assert "is a 'dit' checkpoint" in err
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, data, tiny_vae):
+    out = tmp_path / "nan"
+    proc = run_script("ldm", ["train.py"] + base_flags(data, tiny_vae, out) + ["--save_every_steps", "1"],
+                      check=False, env=script_env(DIFFUSION_FAULT_NAN_AT_STEP="2"))
+    assert proc.returncode == 1 and "error: loss is nan at step 2" in proc.stderr
+    assert load(out / "checkpoint_last.pt")["step"] == 1
