@@ -30,8 +30,9 @@ from models import (DEFAULT_NOISE_SCHEDULE, DEFAULT_VAE, UNET_PRESETS, ClassEmbe
                     check_image_size, ema_update, load_vae, make_ema, plain_config, sample_images, unet_kwargs,
                     vae_downsample_factor, vae_identity, vae_posterior)
 from utils import (StopFlag, TrainingError, UserError, add_flag, atomic_torch_save, check_writable,
-                   derived_seed, fault_nan_step, get_logger, load_checkpoint, optimizer_kwargs, param_table,
-                   resolve_precision, rng_state, run_main, seed_everything, set_rng_state, setup_cuda_speedups)
+                   derived_seed, fault_nan_step, finish, get_logger, load_checkpoint, optimizer_kwargs,
+                   param_table, resolve_precision, rng_state, run_main, seed_everything, set_rng_state,
+                   setup_cuda_speedups)
 
 
 def parse_args(argv=None):
@@ -449,22 +450,6 @@ def log_grid(writer, eval_model, vae, meta, latent_channels, latent_size, args, 
     grid = torchvision.utils.make_grid(imgs.cpu(), nrow=args.grid_per_class, padding=2)
     writer.add_image("samples/per_class_rows", grid, step)
     writer.flush()
-
-
-def finish(accelerator, writer):
-    """Close logs; in multi-process runs tear down and os._exit(0) (gloo sometimes aborts at exit otherwise)."""
-    if writer:
-        writer.close()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if accelerator.num_processes > 1:
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    return 0
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ from diffusers.optimization import get_scheduler
 from dataset import EpochBatches, ImageDataset, scan_class_folders
 from models import check_image_size, load_vae, plain_config, to_vae_input, vae_downsample_factor
 from utils import (StopFlag, TrainingError, UserError, add_flag, atomic_torch_save, check_writable, derived_seed,
-                   fault_nan_step, get_logger, load_checkpoint, optimizer_kwargs, param_table, resolve_precision,
-                   rng_state, run_main, seed_everything, set_rng_state, setup_cuda_speedups)
+                   fault_nan_step, finish, get_logger, load_checkpoint, optimizer_kwargs, param_table,
+                   resolve_precision, rng_state, run_main, seed_everything, set_rng_state, setup_cuda_speedups)
 
 # Scratch architectures; the downsampling factor is 2 ** (levels - 1).
 VAE_PRESETS = {
@@ -316,22 +316,6 @@ def log_recon(writer, vae, ds, device, step, accelerator):
     grid = torchvision.utils.make_grid(torch.cat([x3, rec]).clamp(-1, 1).cpu() * 0.5 + 0.5, nrow=len(x))
     writer.add_image("reconstructions", grid, step)
     writer.flush()
-
-
-def finish(accelerator, writer):
-    """Close logs; multi-process runs tear down and os._exit(0) (gloo sometimes aborts at exit otherwise)."""
-    if writer:
-        writer.close()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if accelerator.num_processes > 1:
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    return 0
 
 
 if __name__ == "__main__":

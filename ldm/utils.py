@@ -237,6 +237,23 @@ class StopFlag:
         self.requested = True
 
 
+def finish(accelerator, writer):
+    """End a training script: close logs; in multi-process runs tear down and os._exit(0) (gloo
+    sometimes aborts at exit otherwise)."""
+    if writer:
+        writer.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
 def fault_nan_step():
     """Testing hook: DIFFUSION_FAULT_NAN_AT_STEP=N makes the training loss NaN at step N (1-based)."""
     v = os.environ.get("DIFFUSION_FAULT_NAN_AT_STEP")

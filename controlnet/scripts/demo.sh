@@ -5,8 +5,9 @@
 #
 # DATA is the folder written by scripts/make_demo_data.py (pairs in DATA/pairs/images|masks, class folders in
 # DATA/digits/digit_k), LDM_CHECKPOINT the demo LDM (OUT/ldm/checkpoints/checkpoint_best.pt). Trains a
-# ControlNet on the image/mask pairs, conditioned on the digit class too, then generates 2 images for one
-# mask of each digit and writes mask | generated comparisons plus a Dice report under OUT/.
+# ControlNet on the image/mask pairs, conditioned on the digit class too, then generates 2 images for each
+# of ten masks per digit, writes mask | generated comparisons and a Dice report under OUT/generated, and
+# links the images by class into OUT/samples/<class_name>/ for the evaluation stage.
 set -euo pipefail
 if [ $# -ne 3 ]; then
   echo "usage: bash controlnet/scripts/demo.sh DATA OUT LDM_CHECKPOINT" >&2
@@ -23,15 +24,16 @@ python - "$DATA" "$OUT" <<'PY'
 import shutil, sys
 from pathlib import Path
 data, out = Path(sys.argv[1]), Path(sys.argv[2])
-rows, first = ["stem,class_name"], {}
+rows, chosen = ["stem,class_name"], []
 for folder in sorted((data / "digits").iterdir()):
-    for f in sorted(folder.glob("*.png")):
+    for i, f in enumerate(sorted(folder.glob("*.png"))):
         rows.append(f"{f.stem},{folder.name}")
-        first.setdefault(folder.name, f.name)
+        if i < 10:  # ten masks per class for generation
+            chosen.append(f.name)
 (out / "labels.csv").write_text("\n".join(rows) + "\n")
 masks = out / "masks"
 masks.mkdir(exist_ok=True)
-for name in first.values():
+for name in chosen:
     shutil.copy(data / "pairs" / "masks" / name, masks / name)
 PY
 
@@ -70,7 +72,22 @@ python inference.py \
     --controlnet_scale 1.0 \
     --seed 0 \
     --save_comparison \
-    --report_dice
+    --report_dice | grep -v '^dice '   # per-image Dice is in dice.csv; keep the summary lines
+
+# Class folders of the generated images (hard links) for the evaluation stage's table.
+python - "$OUT" <<'PY'
+import csv, os, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+label = {r["stem"]: r["class_name"] for r in csv.DictReader(open(out / "labels.csv"))}
+for f in sorted(out.glob("generated/*/*.png")):
+    stem = f.name.split("_")[0]
+    if stem in label:
+        dest = out / "samples" / label[stem] / f.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not dest.exists():
+            os.link(f, dest)
+PY
 
 echo "ControlNet demo: checkpoints in $OUT/checkpoints, training grids (mask | sample | ground truth) in" \
-     "$OUT/checkpoints/samples, generated images and comparisons (mask | generated) under $OUT/generated"
+     "$OUT/checkpoints/samples, generated images and comparisons (mask | generated) under $OUT/generated, by class in $OUT/samples"
