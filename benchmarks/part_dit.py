@@ -114,7 +114,15 @@ def main():
             say(f"dit {name} {precision} batch {b}: {', '.join(fns)}")
             for variant, fn in fns.items():
                 flops[(name, variant, precision, b)] = count_flops(fn) / b
-            # The FLOP count was the warm-up; the VAE-encode variant (~3 s/image) gets at most 2 rounds.
+            # The FLOP count warms the encode variant. Ours vs diffusers gets one more untimed step each
+            # and at least 5 rounds: single steps of either model were 10-35% slow at random here
+            # (page faults of the multi-GB activations), which flipped 3-round medians both ways.
+            # The VAE-encode variant (~3 s/image) gets at most 2 rounds.
+            if precision == "fp32":
+                reps = max(reps, 5)
+                for variant in fns:
+                    if variant != "ours/encode":
+                        fns[variant]()
             times = side_by_side(fns, reps, device, warmup=False, log=say, max_rounds={"ours/encode": 2})
             for variant, ts in times.items():
                 rows.append(entry(f"{name} {variant}", b, ts, model=name, variant=variant, precision=precision,

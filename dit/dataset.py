@@ -106,6 +106,8 @@ class ImageFolderDataset(Dataset):
     """Items are (index, flip) pairs from ResumableSampler -> (image in [-1, 1], label)."""
 
     def __init__(self, root, image_size, channels, verify=True):
+        # channels: the VAE's; None until it is known (train.py checks the data before loading the VAE).
+        # `grayscale` below is about the files (samples are then saved as 1-channel PNGs).
         self.root = str(root)
         self.classes, self.samples = scan_class_folders(root)
         self.grayscale = verify_images(self.samples) if verify else channels == 1

@@ -282,15 +282,9 @@ def main(args):
         ckpt = load_checkpoint(resume_path, trust=args.trust_checkpoint)
         check_resume_checkpoint(ckpt, resume_path, args)
 
-    # Everything that can be wrong with the input is checked before the run folder is created.
-    vae, info = load_vae(args.vae, device)
-    latent_size, rem = divmod(args.image_size, info["factor"])
-    patch = int(args.model.rsplit("/", 1)[1])
-    if rem or latent_size % patch:
-        raise UserError(f"--image-size {args.image_size} gives latents of {args.image_size / info['factor']:g}"
-                        f" pixels (VAE factor {info['factor']}), not divisible by the patch size {patch} "
-                        f"of {args.model}: use a multiple of {info['factor'] * patch}")
-    dataset = ImageFolderDataset(args.data_path, args.image_size, info["image_channels"])
+    # Everything that can be wrong with the input is checked before the run folder is created, the
+    # data first: it is quick, while loading a hub VAE offline spends half a minute on retries.
+    dataset = ImageFolderDataset(args.data_path, args.image_size, channels=None)
     if len(dataset.classes) != args.num_classes:
         raise UserError(f"--num-classes {args.num_classes} but {args.data_path} has "
                         f"{len(dataset.classes)} class folders ({', '.join(dataset.classes[:20])})")
@@ -300,6 +294,14 @@ def main(args):
     if ckpt is not None and ckpt.get("class_names") not in (None, dataset.classes):
         raise UserError(f"{resume_path} was trained on classes {ckpt['class_names']}, but "
                         f"{args.data_path} has {dataset.classes}")
+    vae, info = load_vae(args.vae, device)
+    dataset.channels = info["image_channels"]
+    latent_size, rem = divmod(args.image_size, info["factor"])
+    patch = int(args.model.rsplit("/", 1)[1])
+    if rem or latent_size % patch:
+        raise UserError(f"--image-size {args.image_size} gives latents of {args.image_size / info['factor']:g}"
+                        f" pixels (VAE factor {info['factor']}), not divisible by the patch size {patch} "
+                        f"of {args.model}: use a multiple of {info['factor'] * patch}")
 
     # Run folder: rank 0 decides, every rank learns it.
     if rank == 0:

@@ -328,6 +328,18 @@ def test_resume_after_kill_and_sigterm_is_bit_identical(gray_data, tmp_path, cap
     assert_same_state(final_state(tmp_path / "term"), ref)
 
 
+def test_compile_trains_like_eager(gray_data, tmp_path):
+    """--compile (inductor) follows the eager run and saves plain, unprefixed state dicts."""
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        run_script("ddpm", ["train.py", *resume_args(gray_data, tmp_path / name), "--epochs", "1", *extra])
+    eager, comp = final_state(tmp_path / "eager"), final_state(tmp_path / "compiled")
+    assert comp[2]["step"] == eager[2]["step"] == 4
+    for a, b in zip(eager[:2], comp[:2]):
+        assert a.keys() == b.keys()  # no "_orig_mod." prefixes
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(gray_data, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DIFFUSION_FAULT_NAN_AT_STEP", "3")
     msg = run_main_expect(train.main, resume_args(gray_data, tmp_path), capsys, code=1)

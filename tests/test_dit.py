@@ -243,11 +243,15 @@ def work(tmp_path_factory):
     return root
 
 
+def train_argv(work, results, *extra):
+    return ["--model", "DiT-Ti/2", "--data-path", str(work / "data"), "--results-dir", str(results),
+            "--image-size", "16", "--num-classes", "3", "--global-batch-size", "4",
+            "--epochs", "2", "--vae", str(work / "vae"), "--num-workers", "0",
+            "--log-every", "1", "--ckpt-every", "2", "--grid-every", "0", *extra]
+
+
 def train_args(work, results, *extra):
-    return train.parse_args(["--model", "DiT-Ti/2", "--data-path", str(work / "data"), "--results-dir", str(results),
-                             "--image-size", "16", "--num-classes", "3", "--global-batch-size", "4",
-                             "--epochs", "2", "--vae", str(work / "vae"), "--num-workers", "0",
-                             "--log-every", "1", "--ckpt-every", "2", "--grid-every", "0", *extra])
+    return train.parse_args(train_argv(work, results, *extra))
 
 
 def load(path):
@@ -297,6 +301,21 @@ def test_train_resume_is_bit_identical_and_writes_plain_checkpoints(work, tmp_pa
     assert not (part / "001-DiT-Ti-2").exists()
     assert "Resumed from" in (prun / "log.txt").read_text()
     assert_same_state(ck, load(prun / "checkpoints" / "0000010.pt"))
+
+
+def test_compile_trains_like_eager(work, tmp_path):
+    """--compile (inductor) follows the eager run and writes the same plain, unprefixed checkpoint."""
+    eager, comp = tmp_path / "eager", tmp_path / "compiled"
+    # No label dropout: torch.rand inside a compiled graph draws from inductor's own generator.
+    flags = ["--max-train-steps", "4", "--class-dropout-prob", "0"]
+    train.main(train_args(work, eager, *flags))
+    run_script("dit", ["train.py"] + train_argv(work, comp, *flags, "--compile"))
+    a = load(eager / "000-DiT-Ti-2" / "checkpoints" / "0000004.pt")
+    b = load(comp / "000-DiT-Ti-2" / "checkpoints" / "0000004.pt")
+    assert b["step"] == 4 and a["model"].keys() == b["model"].keys()
+    for key in ("model", "ema"):
+        for name, w in a[key].items():
+            torch.testing.assert_close(b[key][name], w, rtol=1e-4, atol=1e-6, msg=f"{key}.{name}")
 
 
 def test_nan_loss_stops_before_optimizer_step(work, tmp_path, monkeypatch, capsys):

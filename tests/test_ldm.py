@@ -251,6 +251,19 @@ def test_train_writes_best_and_last_checkpoints(trained):
     assert list((out / "tensorboard").iterdir())
 
 
+def test_compile_trains_like_eager(tmp_path, data, tiny_vae, trained):
+    """--compile (inductor) follows the eager run's trajectory and saves plain, unprefixed weights."""
+    full, _ = trained
+    out = tmp_path / "compiled"
+    run_script("ldm", ["train.py", "--compile"] + base_flags(data, tiny_vae, out))
+    eager, comp = load(full / "checkpoint_last.pt"), load(out / "checkpoint_last.pt")
+    assert comp["step"] == eager["step"] == 6
+    assert set(comp["unet"]) == set(eager["unet"])  # no "_orig_mod." prefixes
+    for key in ("unet", "ema_unet"):
+        for name, w in eager[key].items():
+            torch.testing.assert_close(comp[key][name], w, rtol=1e-3, atol=1e-4, msg=f"{key}.{name}")
+
+
 def test_resume_is_bit_identical(tmp_path, data, tiny_vae, trained):
     full, _ = trained
     out = tmp_path / "resumed"
