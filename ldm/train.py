@@ -30,7 +30,7 @@ from models import (DEFAULT_NOISE_SCHEDULE, DEFAULT_VAE, UNET_PRESETS, ClassEmbe
                     check_image_size, ema_update, load_vae, make_ema, plain_config, sample_images, unet_kwargs,
                     vae_downsample_factor, vae_identity, vae_posterior)
 from utils import (StopFlag, TrainingError, UserError, add_flag, atomic_torch_save, check_writable,
-                   derived_seed, fault_nan_step, finish, get_logger, load_checkpoint, optimizer_kwargs,
+                   derived_seed, fault_nan_step, finish, get_logger, load_resume_checkpoint, optimizer_kwargs,
                    param_table, resolve_precision, rng_state, run_main, seed_everything, set_rng_state,
                    setup_cuda_speedups)
 
@@ -201,12 +201,7 @@ def main(argv=None):
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
 
     # --- everything a user can get wrong is checked before any heavy work or any write ---
-    resume_ckpt = None
-    if args.resume is not None:
-        rpath = out / "checkpoint_last.pt" if args.resume == "auto" else Path(args.resume)
-        if not rpath.is_file():
-            raise UserError(f"--resume: {rpath} does not exist (nothing to resume; drop --resume to start fresh)")
-        resume_ckpt = load_checkpoint(rpath, trust=args.trust_checkpoint, expect_type="ldm")
+    resume_ckpt = load_resume_checkpoint(args, out, "ldm")
     class_names, samples, image_channels = scan_class_folders(args.data_root)
     if resume_ckpt is not None and list(resume_ckpt["class_names"]) != class_names:
         raise UserError(f"--resume: the checkpoint was trained on classes {resume_ckpt['class_names']}, "

@@ -31,7 +31,7 @@ from diffusers.optimization import get_scheduler
 from dataset import EpochBatches, ImageDataset, scan_class_folders
 from models import check_image_size, load_vae, plain_config, to_vae_input, vae_downsample_factor
 from utils import (StopFlag, TrainingError, UserError, add_flag, atomic_torch_save, check_writable, derived_seed,
-                   fault_nan_step, finish, get_logger, load_checkpoint, optimizer_kwargs, param_table,
+                   fault_nan_step, finish, get_logger, load_resume_checkpoint, optimizer_kwargs, param_table,
                    resolve_precision, rng_state, run_main, seed_everything, set_rng_state, setup_cuda_speedups)
 
 # Scratch architectures; the downsampling factor is 2 ** (levels - 1).
@@ -145,12 +145,7 @@ def main(argv=None):
         raise UserError(f"--image_size must be a positive multiple of 8, got {args.image_size}")
     out = Path(args.output_dir).expanduser().resolve()
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
-    resume_ckpt = None
-    if args.resume is not None:
-        rpath = out / "checkpoint_last.pt" if args.resume == "auto" else Path(args.resume)
-        if not rpath.is_file():
-            raise UserError(f"--resume: {rpath} does not exist (nothing to resume; drop --resume to start fresh)")
-        resume_ckpt = load_checkpoint(rpath, trust=args.trust_checkpoint, expect_type="ldm_vae")
+    resume_ckpt = load_resume_checkpoint(args, out, "ldm_vae")
     class_names, samples, channels = scan_class_folders(args.data_root)
     if len(samples) < args.batch_size * world_env:
         raise UserError(f"{len(samples)} images are fewer than one global batch ({args.batch_size} x {world_env}); "

@@ -91,6 +91,16 @@ def load_checkpoint(path, trust=False, expect_type=None):
     return ckpt
 
 
+def load_resume_checkpoint(args, out, expect_type):
+    """The checkpoint --resume names (auto: <output_dir>/checkpoint_last.pt), or None without --resume."""
+    if args.resume is None:
+        return None
+    rpath = out / "checkpoint_last.pt" if args.resume == "auto" else Path(args.resume)
+    if not rpath.is_file():
+        raise UserError(f"--resume: {rpath} does not exist (nothing to resume; drop --resume to start fresh)")
+    return load_checkpoint(rpath, trust=args.trust_checkpoint, expect_type=expect_type)
+
+
 def atomic_torch_save(obj, path):
     """torch.save to a temp file in the same folder, then os.replace; a failed write -> TrainingError."""
     path, tmp = Path(path), None
