@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from repo_helpers import free_port, load_folder, run_script, script_env
+from repo_helpers import assert_same_updates, free_port, load_folder, run_script, script_env, sgd_updates
 
 models, dataset, train, inference, ddpm_uncond, ddpm_cond, modules, utils = load_folder(
     "ddpm", "models", "dataset", "train", "inference", "ddpm", "ddpm_conditional", "modules", "utils")
@@ -170,8 +170,12 @@ def test_same_seed_same_image_at_any_batch_size(sampler, cfg, conditional):
     parts = [d.sample(m, len(s), labels=None if labels is None else labels[i:i + len(s)], cfg_scale=cfg,
                       sampler=sampler, steps=10, seeds=s, progress=False)
              for i, s in ((0, seeds[:2]), (2, seeds[2:]))]
-    assert torch.equal(full, torch.cat(parts))
-    assert not torch.equal(full[0], full[1])  # different seeds -> different images
+    # Per-image seeds make an image independent of its batch; the kernels for a batch of 2, 3 or 5 may
+    # still sum in another order (oneDNN picks its blocking by shape), so a pixel may round to the
+    # neighbouring 8-bit level: at most 1 level, and almost every pixel exactly equal.
+    diff = (full.int() - torch.cat(parts).int()).abs()
+    assert diff.max() <= 1 and (diff == 0).float().mean() >= 0.99
+    assert (full[0].int() - full[1].int()).abs().float().mean() > 5  # different seeds -> different images
     if conditional and cfg != 1.0:  # guidance changes the result
         other = d.sample(m, 5, labels=labels, cfg_scale=1.0, sampler=sampler, steps=10, seeds=seeds,
                          progress=False)
@@ -329,15 +333,29 @@ def test_resume_after_kill_and_sigterm_is_bit_identical(gray_data, tmp_path, cap
 
 
 def test_compile_trains_like_eager(gray_data, tmp_path):
-    """--compile (inductor) follows the eager run and saves plain, unprefixed state dicts."""
-    for name, extra in (("eager", []), ("compiled", ["--compile"])):
-        run_script("ddpm", ["train.py", *resume_args(gray_data, tmp_path / name), "--epochs", "1", *extra])
+    """--compile (inductor) computes the eager gradients and saves plain, unprefixed state dicts.
+
+    Compared with SGD in place of AdamW (see repo_helpers.assert_same_updates): AdamW's first steps move
+    every weight by ~lr whatever the size of its gradient, so weights of differently compiled runs cannot
+    be compared tightly on CPUs whose kernels sum in another order (AVX-512 vs AVX2).
+    """
+    updates = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"]), ("other_data", None)):
+        argv = resume_args(gray_data, tmp_path / name)
+        if extra is None:  # the same start and seeds, but no flips: other inputs
+            argv, extra = [a for a in argv if a != "--random-flip"], []
+        updates[name] = sgd_updates("ddpm", ["train.py", *argv, "--epochs", "1", "--lr", "0.05", *extra],
+                                    tmp_path / f"{name}.pt")
     eager, comp = final_state(tmp_path / "eager"), final_state(tmp_path / "compiled")
     assert comp[2]["step"] == eager[2]["step"] == 4
     for a, b in zip(eager[:2], comp[:2]):
         assert a.keys() == b.keys()  # no "_orig_mod." prefixes
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
+        assert not any(k.startswith(("module.", "_orig_mod.")) for k in b)
+    print("worst relative update difference, compiled vs eager:",
+          assert_same_updates(updates["eager"], updates["compiled"]))
+    # The comparison can fail: the same start trained on other inputs (no flips) is caught.
+    with pytest.raises(AssertionError, match="the update differs"):
+        assert_same_updates(updates["eager"], updates["other_data"])
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(gray_data, tmp_path, capsys, monkeypatch):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from repo_helpers import REPO, free_port, load_folder, run_script
+from repo_helpers import REPO, assert_same_updates, free_port, load_folder, run_script, sgd_updates
 
 models, diffusion_pkg, gd, dataset, train, inference, utils, sample, sample_ddp = load_folder(
     "dit", "models", "diffusion", "diffusion.gaussian_diffusion", "dataset", "train", "inference",
@@ -304,18 +304,25 @@ def test_train_resume_is_bit_identical_and_writes_plain_checkpoints(work, tmp_pa
 
 
 def test_compile_trains_like_eager(work, tmp_path):
-    """--compile (inductor) follows the eager run and writes the same plain, unprefixed checkpoint."""
-    eager, comp = tmp_path / "eager", tmp_path / "compiled"
+    """--compile (inductor) computes the eager gradients and writes the same plain, unprefixed checkpoint.
+
+    Compared with SGD in place of AdamW, as in tests/test_ddpm.py (see repo_helpers.assert_same_updates).
+    """
     # No label dropout: torch.rand inside a compiled graph draws from inductor's own generator.
-    flags = ["--max-train-steps", "4", "--class-dropout-prob", "0"]
-    train.main(train_args(work, eager, *flags))
-    run_script("dit", ["train.py"] + train_argv(work, comp, *flags, "--compile"))
-    a = load(eager / "000-DiT-Ti-2" / "checkpoints" / "0000004.pt")
-    b = load(comp / "000-DiT-Ti-2" / "checkpoints" / "0000004.pt")
-    assert b["step"] == 4 and a["model"].keys() == b["model"].keys()
-    for key in ("model", "ema"):
-        for name, w in a[key].items():
-            torch.testing.assert_close(b[key][name], w, rtol=1e-4, atol=1e-6, msg=f"{key}.{name}")
+    flags = ["--max-train-steps", "4", "--class-dropout-prob", "0", "--lr", "0.05"]
+    rec = {}
+    # The control: the same start and data with twice the step size must be caught.
+    for name, extra in (("eager", []), ("compiled", ["--compile"]), ("other_lr", ["--lr", "0.1"])):
+        rec[name] = sgd_updates("dit", ["train.py"] + train_argv(work, tmp_path / name, *flags, *extra),
+                                tmp_path / f"{name}.pt")
+    a = load(tmp_path / "eager" / "000-DiT-Ti-2" / "checkpoints" / "0000004.pt")
+    b = load(tmp_path / "compiled" / "000-DiT-Ti-2" / "checkpoints" / "0000004.pt")
+    assert b["step"] == a["step"] == 4
+    assert a["model"].keys() == b["model"].keys() and a["ema"].keys() == b["ema"].keys()
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in b["model"])
+    print("worst relative update difference, compiled vs eager:", assert_same_updates(rec["eager"], rec["compiled"]))
+    with pytest.raises(AssertionError, match="the update differs"):
+        assert_same_updates(rec["eager"], rec["other_lr"])
 
 
 def test_nan_loss_stops_before_optimizer_step(work, tmp_path, monkeypatch, capsys):

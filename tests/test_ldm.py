@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from repo_helpers import free_port, load_folder, run_script, script_env
+from repo_helpers import assert_same_updates, free_port, load_folder, run_script, script_env, sgd_updates
 
 train, inference, inference_per_class, models, dataset, utils = load_folder(
     "ldm", "train", "inference", "inference_per_class", "models", "dataset", "utils")
@@ -218,7 +218,8 @@ def test_cache_latents_end_to_end(tmp_path, data, tiny_vae):
     assert "building latent cache" in first and (out / "latent_cache.pt").is_file()
     plain = run_script("ldm", ["train.py"] + flags(tmp_path / "plain")).stdout
     losses = lambda s: [float(x) for x in re.findall(r"loss ([0-9.]+) lr", s)]
-    assert len(losses(first)) == 2 and np.allclose(losses(first), losses(plain), atol=2e-6)
+    # The cache encodes in other batches than training does: fp32 reordering, far below 1e-4 of the loss.
+    assert len(losses(first)) == 2 and np.allclose(losses(first), losses(plain), rtol=1e-4, atol=0)
     second = run_script("ldm", ["train.py", "--cache_latents"] + flags(out)).stdout
     assert "reusing latent cache" in second
     Image.fromarray(np.zeros((16, 16), np.uint8), mode="L").save(d / "cls_a" / "000.png")
@@ -251,17 +252,22 @@ def test_train_writes_best_and_last_checkpoints(trained):
     assert list((out / "tensorboard").iterdir())
 
 
-def test_compile_trains_like_eager(tmp_path, data, tiny_vae, trained):
-    """--compile (inductor) follows the eager run's trajectory and saves plain, unprefixed weights."""
-    full, _ = trained
-    out = tmp_path / "compiled"
-    run_script("ldm", ["train.py", "--compile"] + base_flags(data, tiny_vae, out))
-    eager, comp = load(full / "checkpoint_last.pt"), load(out / "checkpoint_last.pt")
+def test_compile_trains_like_eager(tmp_path, data, tiny_vae):
+    """--compile (inductor) computes the eager gradients and saves plain, unprefixed weights.
+
+    Compared with SGD in place of AdamW, as in tests/test_ddpm.py (see repo_helpers.assert_same_updates).
+    """
+    rec = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"]), ("other_data", ["--random_flip"])):
+        flags = base_flags(data, tiny_vae, tmp_path / name) + ["--learning_rate", "0.05", *extra]
+        rec[name] = sgd_updates("ldm", ["train.py", *flags], tmp_path / f"{name}.pt")
+    eager, comp = load(tmp_path / "eager" / "checkpoint_last.pt"), load(tmp_path / "compiled" / "checkpoint_last.pt")
     assert comp["step"] == eager["step"] == 6
-    assert set(comp["unet"]) == set(eager["unet"])  # no "_orig_mod." prefixes
-    for key in ("unet", "ema_unet"):
-        for name, w in eager[key].items():
-            torch.testing.assert_close(comp[key][name], w, rtol=1e-3, atol=1e-4, msg=f"{key}.{name}")
+    assert set(comp["unet"]) == set(eager["unet"]) and set(comp["ema_unet"]) == set(eager["ema_unet"])
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in comp["unet"])
+    print("worst relative update difference, compiled vs eager:", assert_same_updates(rec["eager"], rec["compiled"]))
+    with pytest.raises(AssertionError, match="the update differs"):
+        assert_same_updates(rec["eager"], rec["other_data"])
 
 
 def test_resume_is_bit_identical(tmp_path, data, tiny_vae, trained):

@@ -7,6 +7,16 @@ the first half of the serialized bytes to that target, fsyncs, prints `FAULT-HOO
 SIGKILLs the process: a crash in the middle of a checkpoint write, whatever the folder's save function
 looks like. A save that writes straight to the final name (not temp file + os.replace) is caught by
 the tests, because then the final checkpoint is left half written.
+
+DIFFUSION_FAULT_{NAN,SIGTERM,KILL}_AT_STEP=N: see fault_hooks.py (wraps the folder's runtime.StopFlags).
+
+SGD_PARAMS_OUT=<file>: every torch.optim.AdamW the script builds is plain SGD with the same learning rate
+(and weight decay), and at exit the optimizer's parameters before the first and after the last step are
+saved to <file> as {"init": [...], "final": [...]}. With SGD a weight update is lr x gradient, so two code
+paths that compute the same gradients in a different floating-point order (eager vs torch.compile, AVX2
+vs AVX-512 kernels) give updates that agree to a few fp32 rounding errors of the gradient; AdamW's first
+steps divide each gradient by its own magnitude (update ~ lr x sign(g)), so an element whose gradient is
+rounding noise moves by up to 2 x lr either way and no tight tolerance on weights can hold.
 """
 import io
 import os
@@ -44,14 +54,42 @@ def install_kill_in_save(match):
     torch.save = save
 
 
+def install_sgd_recorder(out_path):
+    """Replace torch.optim.AdamW by SGD; save the parameters before training and at exit to out_path."""
+    import atexit
+
+    import torch
+
+    made = []
+
+    def sgd_instead_of_adamw(params, lr=1e-3, weight_decay=0.0, foreach=None, fused=None, **_adam_only):
+        params = list(params)
+        tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+        opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, foreach=foreach, fused=fused)
+        made.append((tensors, [t.detach().clone() for t in tensors]))
+        return opt
+
+    def save():
+        tensors, init = made[-1]
+        torch.save({"init": init, "final": [t.detach().clone() for t in tensors]}, out_path)
+
+    torch.optim.AdamW = sgd_instead_of_adamw
+    atexit.register(lambda: made and save())
+
+
 def main():
     """sys.argv[1] is the script (relative to the cwd, the model folder); the rest are its flags."""
     match = os.environ.get("FAULT_KILL_IN_SAVE")
     if match:
         install_kill_in_save(match)
+    if os.environ.get("SGD_PARAMS_OUT"):
+        install_sgd_recorder(os.environ["SGD_PARAMS_OUT"])
     script = sys.argv[1]
     sys.argv = sys.argv[1:]
     sys.path[0] = os.path.dirname(os.path.abspath(script))  # as for `python script.py`
+    sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
+    import fault_hooks
+    fault_hooks.install_for_cwd()  # DIFFUSION_FAULT_*_AT_STEP, see fault_hooks.py
     runpy.run_path(script, run_name="__main__")
 
 

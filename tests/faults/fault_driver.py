@@ -67,6 +67,9 @@ def run_case(case):
 def main():
     cases = json.load(open(sys.argv[1]))
     sys.path.insert(0, os.getcwd())
+    sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
+    import fault_hooks
+    fault_hooks.install_for_cwd()  # DIFFUSION_FAULT_*_AT_STEP (a case's env), see fault_hooks.py
     results = {}
     for case in cases:
         results[case["id"]] = run_case(case)
