@@ -87,7 +87,7 @@ def main():
         per_step = median(times[s]) / k
         sampling.append({"name": f"DDPM UNet {s}-{steps}", "sampler": s, "steps": steps, "batch": sb,
                          "cfg_scale": 3, "seconds_per_step": per_step, "images_per_s": sb / (steps * per_step),
-                         "timed_steps": k, "scaled": True})
+                         "timed_steps": k, "times_s": list(times[s]), "scaled": True})
     write(args.out, {"train": rows, "sampling": sampling, "bf16_native": native,
                      "params": sum(p.numel() for p in model.parameters())})
 

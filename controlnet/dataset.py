@@ -3,22 +3,24 @@
     data_root/images/001.png  <->  data_root/masks/001.png         (same stem; extensions may differ)
     data_root/images/Img_001.png <-> data_root/masks/seg_001.png   (--image_prefix Img_ --mask_prefix seg_)
 
-Images become tensors in [-1, 1] with the LDM's channel count; masks keep their original values (scaled to
-[0, 1]: 8-bit /255, 16-bit /65535) and are resized with nearest neighbour only, so no new value appears.
-Used by train.py and inference.py; nothing to run here.
+Both follow the repository's one image rule (imaging.py, vendored; "How images are read" in the top
+README). Images become tensors in [-1, 1] with the LDM's channel count. Masks keep their stored values
+(scaled to [0, 1] by their type's maximum: 8-bit /255, 16-bit /65535; a palette mask keeps its indices
+/255, alpha is dropped) and use the same shorter-side resize + centre crop with nearest neighbour only,
+so they stay aligned with their images and no new value appears. Used by train.py and inference.py.
 """
 import csv
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
+from imaging import IMAGE_EXTENSIONS, ImageError, check_image, decode_image, read_pixels, resize_image, resize_mask
+from imaging import list_images as _list_image_files
 from models import UserError
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-ONE_CHANNEL_MODES = ("1", "L", "LA", "P", "I", "I;16", "I;16B", "I;16L", "I;16N")
+IMAGE_EXTS = IMAGE_EXTENSIONS
+ONE_CHANNEL_MODES = ("1", "L", "LA", "P", "PA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 THREE_CHANNEL_MODES = ("RGB", "RGBA")
 
 
@@ -27,7 +29,7 @@ def list_images(folder, what):
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{what} {folder} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    files = _list_image_files(folder)
     if not files:
         raise UserError(f"{what} {folder} has no images ({', '.join(IMAGE_EXTS)})")
     seen = {}
@@ -88,15 +90,11 @@ def check_mask_mode(path, mode, mask_channels):
 
 
 def verify_file(path, what):
-    """Open and verify an image header cheaply; returns its mode; UserError naming the file if unreadable."""
+    """Decode an image or mask fully (as training will); return its mode; UserError naming the file if unusable."""
     try:
-        with Image.open(path) as im:
-            mode = im.mode
-            im.verify()
-        return mode
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"{what} {path} is not a readable image ({type(e).__name__}: {str(e)[:100]}); "
-                        f"remove or replace it")
+        return check_image(path, expand_palette=what != "mask").mode
+    except ImageError as e:
+        raise UserError(f"{what} {e}") from None
 
 
 def validate_pairs(pairs, mask_channels):
@@ -133,52 +131,25 @@ def read_class_labels(csv_path, class_names):
 
 
 # ------------------------------------------------------------------------------------------------- loading
-def _to_array(path, what):
-    """Fully decode an image: (array HxW or HxWxC, max value of its type); UserError naming broken files."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode in ("RGBA", "LA") or (mode == "P" and what == "image"):
-                im = im.convert("RGB" if mode in ("RGBA", "P") else "L")  # alpha dropped
-            elif mode == "1":
-                return np.asarray(im, dtype=np.uint8), 1.0
-            arr = np.asarray(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"{what} {path} cannot be decoded ({type(e).__name__}: {str(e)[:100]}); remove or replace it")
-    if arr.dtype == np.uint8:
-        return arr, 255.0
-    if mode.startswith("I"):
-        # 16-bit PNGs (mode I;16 or I): scale the full 16-bit range explicitly, never clip to 8 bit.
-        return arr.astype(np.float64), 65535.0
-    raise UserError(f"{what} {path} has the unsupported image mode {mode}")
-
-
 def load_image(path, channels, size):
-    """Image file -> float tensor (channels, size, size) in [-1, 1] (bilinear antialiased resize)."""
-    arr, top = _to_array(path, "image")
-    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32) / np.float32(top))
-    x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
-    if x.shape[0] != channels:  # RGB -> gray by ITU-R 601 luma, gray -> RGB by repetition
-        x = (x[0:1] * 0.299 + x[1:2] * 0.587 + x[2:3] * 0.114) if channels == 1 else x[:1].expand(3, -1, -1)
-    if tuple(x.shape[1:]) != (size, size):
-        x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    """Image file -> float tensor (channels, size, size) in [-1, 1] (shorter side + centre crop, bilinear)."""
+    try:
+        x = resize_image(decode_image(path, channels), size)
+    except ImageError as e:
+        raise UserError(f"image {e}") from None
     return (x * 2 - 1).clamp(-1, 1).contiguous()
 
 
 def load_mask(path, channels, size):
     """Mask file -> float tensor (channels, size, size) in [0, 1]; nearest-neighbour resize keeps its values."""
-    with Image.open(path) as im:
-        check_mask_mode(path, im.mode, channels)
-    arr, top = _to_array(path, "mask")
-    if arr.ndim == 3:
-        arr = arr[..., :channels]
-    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32) / np.float32(top))
-    x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
-    if tuple(x.shape[1:]) != (size, size):
-        # nearest-exact picks one source pixel per output pixel: never blurs a label boundary.
-        x = F.interpolate(x[None], size=(size, size), mode="nearest-exact")[0]
-    return x.contiguous()
+    try:
+        arr = read_pixels(path, expand_palette=False)
+    except ImageError as e:
+        raise UserError(f"mask {e}") from None
+    if arr.shape[2] != channels:
+        raise UserError(f"mask {path} has {arr.shape[2]} channel(s) but --mask_channels is {channels}; "
+                        f"pass --mask_channels {arr.shape[2]} or convert the masks")
+    return resize_mask(torch.from_numpy(arr).permute(2, 0, 1), size)
 
 
 def flips_for(seed, epoch, index, hflip, vflip):

@@ -9,11 +9,8 @@ Writes OUTPUT_DIR/<checkpoint>-step<N>-<ema|raw>-<scheduler><steps>-scale<s>[-<c
 <mask_stem>[_<class>]_seed<seed>.png (image i of the run uses seed + i), comparisons/ (mask | generated) with
 --save_comparison and dice.csv with --report_dice. Existing images are never overwritten: a rerun skips them.
 """
-import argparse
-import contextlib
 import csv
-import os
-import sys
+import io
 import time
 from pathlib import Path
 
@@ -23,23 +20,25 @@ from PIL import Image
 
 from dataset import IMAGE_EXTS, check_mask_mode, list_images, load_mask, read_class_labels, verify_file
 from models import (SCHEDULERS, ClassEmbedder, ControlledUNet, DummyEncoder, UserError, check_same_ldm, decode,
-                    initial_latents, load_ldm, load_plain_checkpoint, make_sampler, sample)
+                    initial_latents, load_flagged_checkpoint, load_ldm, make_sampler, sample)
+from runtime import (FlagParser, atomic_write_text, autocast, autocast_dtype, pick_device, resolve_precision,
+                     run_main, save_png_once, setup_cuda_speedups, timing_summary)
 from diffusers import ControlNetModel
 
 
 def parse_args(argv=None):
     """Command line -> argparse.Namespace (both -/_ spellings of every flag)."""
-    p = argparse.ArgumentParser(description="Generate mask-guided images with a trained ControlNet.")
+    p = FlagParser(description="Generate mask-guided images with a trained ControlNet.")
 
     def add(name, **kw):
-        p.add_argument(f"--{name}", *([f"--{name.replace('_', '-')}"] if "_" in name else []), **kw)
+        p.add_argument(f"--{name}", **kw)
 
     add("checkpoint", required=True, help="ControlNet checkpoint (checkpoint_best.pt of train.py)")
     add("ldm_checkpoint", required=True, help="the LDM checkpoint the ControlNet was trained from")
     add("vae", default=None, help="override the VAE folder recorded in the LDM checkpoint")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--mask", help="one mask image")
-    src.add_argument("--mask_folder", "--mask-folder", help="a folder of mask images")
+    src.add_argument("--mask_folder", "--mask-folder", dest="mask_folder", help="a folder of mask images")
     add("output_dir", default="./generated")
     add("num_images", type=int, default=1, help="images per mask")
     add("controlnet_scale", type=float, default=1.0, help="mask influence: 0 ignores the mask, 1 normal")
@@ -96,36 +95,13 @@ def to_uint8(x):
 
 
 def write_png_new(array, path):
-    """Write a PNG that must not exist yet: temp file + os.link (fails if another run wrote it first)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # a concurrent run wrote the same image (same seed, same settings): keep theirs
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}")
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def autocast_dtype(requested, device):
-    """Autocast dtype for --mixed_precision on this device (None: fp32); fp16 only on CUDA."""
-    if requested == "no":
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if requested == "bf16" and torch.cuda.is_bf16_supported() else torch.float16
-    if requested == "fp16":
-        print("warning: fp16 needs CUDA; sampling in " + ("bf16" if torch.cpu._is_avx512_bf16_supported()
-                                                          else "fp32"), file=sys.stderr)
-        return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else None
-    return torch.bfloat16
+    """Write a PNG that must not exist yet (runtime.save_png_once: a concurrent run's file is kept)."""
+    save_png_once(Image.fromarray(array), path)
 
 
 def load_controlnet(args):
     """Checkpoint + LDM -> (model, ldm, checkpoint dict); refuses a checkpoint of another LDM."""
-    ck = load_plain_checkpoint(args.checkpoint, "--checkpoint", args.trust_checkpoint)
+    ck = load_flagged_checkpoint(args.checkpoint, "--checkpoint", args.trust_checkpoint)
     if not isinstance(ck, dict) or ck.get("model_type") != "controlnet":
         kind = ck.get("model_type", "no model_type") if isinstance(ck, dict) else type(ck).__name__
         raise UserError(f"--checkpoint {args.checkpoint} is not a ControlNet checkpoint (it is: {kind})"
@@ -146,12 +122,8 @@ def load_controlnet(args):
 
 
 def main(argv=None):
-    """Entry point: UserError -> `error: ...` on stderr and exit 2."""
-    try:
-        return generate(parse_args(argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    """Entry point: UserError -> one `error:` line and exit 2, TrainingError -> exit 1 (runtime.run_main)."""
+    return run_main(lambda: generate(parse_args(argv)))
 
 
 def generate(args):
@@ -187,13 +159,12 @@ def generate(args):
             per_mask = [by_stem[m.stem] for m in masks]
     null = ldm.num_classes
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = pick_device("auto")
+    setup_cuda_speedups(device)
     model.to(device)
     ldm.vae.to(device)
-    amp = autocast_dtype(args.mixed_precision, device)
+    precision = resolve_precision(args.mixed_precision, device)
+    amp = autocast_dtype(precision)
 
     step = ck.get("global_step", 0)
     tag = f"{Path(args.checkpoint).stem}-step{step}-{'raw' if args.no_ema else 'ema'}-{args.scheduler}" \
@@ -242,7 +213,7 @@ def generate(args):
                               device=device)
         lat, gens = initial_latents([s for _, s, _ in batch], shape)
         sampler = make_sampler(args.scheduler, ldm.noise_scheduler_config)
-        with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+        with autocast(precision, device):
             x = sample(model, sampler, lat.to(device), labels, mask_t, args.num_inference_steps,
                        controlnet_scale=args.controlnet_scale, generators=gens,
                        cfg_scale=args.cfg_scale if per_mask[0] is not None else 1.0, null_label=null)
@@ -257,10 +228,8 @@ def generate(args):
 
     if args.report_dice:
         report_dice(args, jobs, masks, mc, size, out, class_names, per_mask)
-    n = len(todo)
-    print(f"Generated {n} image(s) in {elapsed:.2f} s, {args.num_inference_steps} steps each"
-          + (f": {elapsed / n:.3f} s/image, {elapsed / max(n_batches * args.num_inference_steps, 1):.4f} s/step "
-             f"(batch of up to {args.batch_size})" if n else ""))
+    print(f"Generated {len(todo)} image(s): {timing_summary(len(todo), args.num_inference_steps, elapsed)} "
+          f"({n_batches} batch(es) of up to {args.batch_size})")
     print(f"Images in {out}" + (f"; comparisons (mask | generated) in {out / 'comparisons'}"
                                 if args.save_comparison else ""))
     return out
@@ -292,16 +261,11 @@ def report_dice(args, jobs, masks, mc, size, out, class_names, per_mask):
                      "dice": f"{d:.4f}"})
         print(f"dice {d:.4f}  {name} (threshold {thr})")
     path = out / "dice.csv"
-    tmp = out / f".dice.csv.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {e.strerror or e}")
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(text.getvalue(), path)
     print(f"mean Dice {np.mean([float(r['dice']) for r in rows]):.4f} over {len(rows)} image(s); per image in {path}")
 
 

@@ -1,17 +1,16 @@
 """ControlNet parts: rebuild the LDM from its checkpoint, build the ControlNet from its UNet, sample.
 
 Used by train.py and inference.py (nothing to run here). Everything is built from diffusers parts:
-the LDM checkpoint (written by ../ldm/train.py, read here through its documented format only) gives the
+the LDM checkpoint (written by ../ldm/train.py, read here only through the keys that README.md lists under
+"What ControlNet reads from an LDM checkpoint", checked by validate_ldm_checkpoint) gives the
 UNet2DConditionModel, the class embedder, the AutoencoderKL and the noise schedule; the ControlNet is
 `diffusers.ControlNetModel.from_unet(unet)` with its conditioning embedding sized so that a mask at image
 resolution lands exactly on the latent grid.
 """
-import copy
 import hashlib
 import json
 import math
 import os
-import pickle
 from pathlib import Path
 
 import torch
@@ -19,35 +18,91 @@ import torch.nn as nn
 from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, DDPMScheduler,
                        DPMSolverMultistepScheduler, UNet2DConditionModel)
 
+from runtime import UserError, load_checkpoint  # UserError is re-exported: dataset.py imports it from here
+
 SCHEDULERS = ("ddpm", "ddim", "dpmsolver")
-LDM_KEYS = ("unet_config", "unet", "class_embedder", "num_classes", "class_names", "vae", "vae_scaling_factor",
-            "image_size", "image_channels", "noise_scheduler_config")
 
 
-class UserError(Exception):
-    """A problem with the user's input: printed as `error: <msg>` with exit code 2, no traceback."""
-
-
-# ----------------------------------------------------------------------------------------------- checkpoints
-def load_plain_checkpoint(path, flag, trust=False):
-    """torch.load a checkpoint safely; UserError naming `flag` and the file when it is not a plain checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{flag} {path} does not exist (or is not a file)")
+def load_flagged_checkpoint(path, flag, trust=False, expect_type=None):
+    """runtime.load_checkpoint (weights_only, the one pickle check) with the flag that named the file in front."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise UserError(f"{flag} {path} is not a checkpoint file ({str(e).splitlines()[0][:120]})")
-        if not trust:
-            raise UserError(f"{path} is not a plain checkpoint (it holds pickled Python objects, which can run "
-                            f"code when loaded). If you trust this file, pass --trust_checkpoint to load it anyway.")
-    except Exception as e:  # truncated zip, text file, ... (torch raises many types here)
-        raise UserError(f"{flag} {path} is not a checkpoint file ({type(e).__name__}: {str(e)[:120]})")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UserError(f"{flag} {path} could not be loaded even with --trust_checkpoint ({e})")
+        return load_checkpoint(path, trust=trust, expect_type=expect_type)
+    except UserError as e:
+        raise UserError(f"{flag} {e}") from None
+
+
+# ------------------------------------------------------------------------------ the LDM -> ControlNet contract
+# What ControlNet reads from a checkpoint of ../ldm/train.py (README: "What ControlNet reads from an LDM
+# checkpoint"). key: (required, what it must be, test). Checked once, by validate_ldm_checkpoint.
+LDM_FORMAT_VERSION = 1
+
+
+def _int(v, lo=1):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _tensor_dict(v):
+    return isinstance(v, dict) and len(v) > 0 and all(isinstance(k, str) and torch.is_tensor(t) for k, t in v.items())
+
+
+def _embedder(v):
+    return _tensor_dict(v) and "embedding.weight" in v and v["embedding.weight"].ndim == 2
+
+
+def _noise_config(v):
+    return (isinstance(v, dict) and _int(v.get("num_train_timesteps")) and isinstance(v.get("beta_schedule"), str)
+            and all(isinstance(v.get(k), (int, float)) for k in ("beta_start", "beta_end"))
+            and v.get("prediction_type") in ("epsilon", "v_prediction", "sample"))
+
+
+LDM_CONTRACT = {
+    "model_type": (True, "the string 'ldm'", lambda v: v == "ldm"),
+    "format_version": (True, f"an int <= {LDM_FORMAT_VERSION}", lambda v: _int(v) and v <= LDM_FORMAT_VERSION),
+    "unet_config": (True, "a dict (the UNet2DConditionModel config)", lambda v: isinstance(v, dict) and len(v) > 0),
+    "unet": (True, "a state dict (name -> tensor)", _tensor_dict),
+    "ema_unet": (False, "a state dict or None", lambda v: v is None or _tensor_dict(v)),
+    "class_embedder": (True, "a state dict with a 2-D 'embedding.weight'", _embedder),
+    "ema_class_embedder": (False, "a state dict with a 2-D 'embedding.weight', or None",
+                           lambda v: v is None or _embedder(v)),
+    "num_classes": (True, "an int >= 1", _int),
+    "class_names": (True, "a list of strings", lambda v: isinstance(v, (list, tuple)) and len(v) > 0
+                    and all(isinstance(n, str) for n in v)),
+    "vae": (True, "a string (hub id or AutoencoderKL folder)", lambda v: isinstance(v, str) and len(v) > 0),
+    "vae_scaling_factor": (True, "a number > 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                           and v > 0),
+    "image_size": (True, "an int >= 1 (pixels)", _int),
+    "image_channels": (True, "1 or 3", lambda v: v in (1, 3) and not isinstance(v, bool)),
+    "noise_scheduler_config": (True, "a dict with num_train_timesteps, beta_schedule, beta_start, beta_end and "
+                               "prediction_type (epsilon, v_prediction or sample)", _noise_config),
+}
+
+
+def validate_ldm_checkpoint(ck, path):
+    """UserError (one line naming the key and the file) unless `ck` keeps the LDM -> ControlNet contract."""
+    where = f"--ldm_checkpoint {path}"
+    if not isinstance(ck, dict):
+        raise UserError(f"{where} is not an LDM checkpoint (it holds a {type(ck).__name__}, not a dict)")
+    if ck.get("model_type") != "ldm":
+        raise UserError(f"{where} is not an LDM checkpoint (it is: {ck.get('model_type', 'no model_type')}); "
+                        f"'model_type' must be 'ldm': pass the checkpoint_best.pt written by ldm/train.py")
+    for key, (required, what, ok) in LDM_CONTRACT.items():
+        if key not in ck:
+            if required:
+                raise UserError(f"{where} has no '{key}' ({what}); was it written by ldm/train.py?")
+            continue
+        if not ok(ck[key]):
+            got = ck[key]
+            shown = repr(got)[:60] if not isinstance(got, dict) else f"dict of {len(got)} keys"
+            raise UserError(f"{where}: '{key}' must be {what}, got {type(got).__name__} {shown}")
+    if len(ck["class_names"]) != ck["num_classes"]:
+        raise UserError(f"{where}: 'class_names' has {len(ck['class_names'])} names but 'num_classes' is "
+                        f"{ck['num_classes']}")
+    for key in ("class_embedder", "ema_class_embedder"):
+        w = (ck.get(key) or {}).get("embedding.weight")
+        if w is not None and w.shape[0] != ck["num_classes"] + 1:
+            raise UserError(f"{where}: '{key}' has {w.shape[0]} rows, expected num_classes + 1 = "
+                            f"{ck['num_classes'] + 1} (the last row is the null class)")
+    return ck
 
 
 def plain(obj):
@@ -178,14 +233,7 @@ def load_vae(ref, ldm_path):
 
 def load_ldm(path, trust=False, vae_override=None, use_ema=True):
     """Rebuild the LDM (EMA weights when present) from its checkpoint; UserError on anything else."""
-    ck = load_plain_checkpoint(path, "--ldm_checkpoint", trust)
-    if not isinstance(ck, dict) or ck.get("model_type") != "ldm":
-        kind = ck.get("model_type", "no model_type") if isinstance(ck, dict) else type(ck).__name__
-        raise UserError(f"--ldm_checkpoint {path} is not an LDM checkpoint (it is: {kind}); pass the "
-                        f"checkpoint_best.pt written by ldm/train.py")
-    missing = [k for k in LDM_KEYS if k not in ck]
-    if missing:
-        raise UserError(f"--ldm_checkpoint {path} lacks {', '.join(missing)}; was it written by ldm/train.py?")
+    ck = validate_ldm_checkpoint(load_flagged_checkpoint(path, "--ldm_checkpoint", trust), path)
     ldm = LDM()
     ldm.path = str(path)
     ldm.unet_config = dict(ck["unet_config"])
@@ -305,41 +353,3 @@ def sample(model, sampler, latents, labels, mask, num_steps, controlnet_scale=1.
             pred = model(inp, tt, labels, mask, controlnet_scale).float()
         x = sampler.step(pred, t, x, generator=generators).prev_sample
     return x
-
-
-# --------------------------------------------------------------------------------------------------- extras
-class EMA:
-    """Exponential moving average of a module's weights with warm-up decay min(decay, (1+n)/(10+n))."""
-
-    def __init__(self, module, decay):
-        self.decay = decay
-        self.module = copy.deepcopy(module).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, module, step):
-        d = min(self.decay, (1 + step) / (10 + step))
-        src = [p.detach() for p in module.parameters()]
-        dst = list(self.module.parameters())
-        torch._foreach_lerp_(dst, src, 1 - d)
-        for b_dst, b_src in zip(self.module.buffers(), module.buffers()):
-            b_dst.copy_(b_src)
-
-
-def count_parameters(components):
-    """Rows (name, total, trainable, frozen) for a dict name -> module, plus a total row."""
-    rows, tot = [], [0, 0]
-    for name, m in components.items():
-        n = sum(p.numel() for p in m.parameters())
-        t = sum(p.numel() for p in m.parameters() if p.requires_grad)
-        rows.append((name, n, t, n - t))
-        tot[0] += n
-        tot[1] += t
-    rows.append(("Total", tot[0], tot[1], tot[0] - tot[1]))
-    return rows
-
-
-def format_parameter_table(rows):
-    """The parameter table as text lines."""
-    lines = [f"{'component':<16}{'total':>14}{'trainable':>14}{'frozen':>14}"]
-    lines += [f"{n:<16}{a:>14,}{b:>14,}{c:>14,}" for n, a, b, c in rows]
-    return lines

@@ -2,46 +2,36 @@
 
     data_root/class_a/*.png, data_root/class_b/*.png ...    -> labels 0..C-1 in sorted folder order
 
-Images come out as float tensors in [-1, 1], resized (shorter side) and centre-cropped to a square
-`image_size`. Grayscale stays 1 channel, colour is 3 channels (`channels="auto"` picks from the data).
-16-bit PNGs are scaled explicitly (/65535) instead of clipped; alpha channels are dropped.
-The whole folder is checked up front (every file's header opened and verified), so a corrupt file is
-named before any training starts. Used by train.py; there is nothing to run here.
+Images come out as float tensors in [-1, 1], decoded, resized and centre-cropped to a square `image_size`
+by the repository's one image rule (imaging.py, vendored; see "How images are read" in the top README):
+integers / their type's maximum, float must be in [0, 1], alpha dropped, RGB -> gray by ITU-R 601 luma.
+Grayscale stays 1 channel, colour is 3 channels (`channels="auto"` picks from the data). The whole
+folder is decoded once up front, so a corrupt file is named before any training starts. Used by
+train.py; there is nothing to run here.
 """
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
+from imaging import IMAGE_EXTENSIONS, ImageError, check_image, decode_image, list_images, resize_image
 from utils import UserError
-
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
 def _list_images(folder):
     """Sorted image files under `folder` (recursive, hidden files skipped)."""
-    return sorted(p for p in Path(folder).rglob("*")
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return list_images(folder, recursive=True)
 
 
 def _verify(path):
-    """Open and verify one image file cheaply; return its PIL mode or raise UserError naming it."""
+    """Decode one image file; return its ImageInfo or raise UserError naming it."""
     try:
-        with Image.open(path) as im:
-            mode = im.mode
-            im.verify()
-        return mode
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"{path} is not a readable image ({type(e).__name__}: {str(e)[:120]}); "
-                        f"remove or replace it")
+        return check_image(path)
+    except ImageError as e:
+        raise UserError(str(e)) from None
 
 
 def scan_folder(root, conditional=True, num_classes=None):
-    """Validate the data folder; return (files, labels, class_names, modes). Raises UserError."""
+    """Validate the data folder; return (files, labels, class_names, infos). Raises UserError."""
     root = Path(root)
     if not root.exists():
         hint = " (edit args.dataset_path in launch() or pass --dataset-path)" if str(root) == "/path/to/dataset" else ""
@@ -74,48 +64,21 @@ def scan_folder(root, conditional=True, num_classes=None):
             raise UserError(f"--dataset-path {root} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         labels = [0] * len(files)
         class_names = []
-    modes = [_verify(p) for p in files]
-    return files, labels, class_names, modes
+    infos = [_verify(p) for p in files]
+    return files, labels, class_names, infos
 
 
-def channels_from_modes(modes):
-    """1 if every image is grayscale, else 3."""
-    return 1 if all(m in GRAY_MODES for m in modes) else 3
+def channels_from_modes(infos):
+    """1 if every image is grayscale (after the channel rule: alpha dropped, palettes are colour), else 3."""
+    return 1 if all(i.channels == 1 for i in infos) else 3
 
 
 def load_image(path, channels, image_size):
     """Decode one file to a float tensor (channels, image_size, image_size) in [-1, 1]."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-                # 16-bit grayscale: scale the full 16-bit range explicitly (converting to "L" would clip).
-                arr = np.asarray(im, dtype=np.float32) / 65535.0
-                arr = np.clip(arr, 0.0, 1.0)[None]
-                if channels == 3:
-                    arr = np.repeat(arr, 3, axis=0)
-            elif im.mode == "F":
-                arr = np.asarray(im, dtype=np.float32)
-                lo, hi = float(arr.min()), float(arr.max())
-                arr = ((arr - lo) / (hi - lo if hi > lo else 1.0))[None]
-                if channels == 3:
-                    arr = np.repeat(arr, 3, axis=0)
-            else:
-                # convert() drops alpha (RGBA->RGB, LA->L) and expands palettes.
-                im = im.convert("L" if channels == 1 else "RGB")
-                arr = np.asarray(im, dtype=np.float32) / 255.0
-                arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"{path} could not be decoded ({e}); remove or replace it")
-    x = torch.from_numpy(np.ascontiguousarray(arr))
-    h, w = x.shape[1:]
-    if (h, w) != (image_size, image_size):
-        # Resize the shorter side to image_size (antialiased), then centre-crop to a square.
-        scale = image_size / min(h, w)
-        nh, nw = max(image_size, round(h * scale)), max(image_size, round(w * scale))
-        x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
-        top, left = (nh - image_size) // 2, (nw - image_size) // 2
-        x = x[:, top:top + image_size, left:left + image_size]
+        x = resize_image(decode_image(path, channels), image_size)
+    except ImageError as e:
+        raise UserError(str(e)) from None
     return (x * 2.0 - 1.0).clamp(-1.0, 1.0).contiguous()
 
 
@@ -124,8 +87,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __init__(self, root, image_size, channels="auto", conditional=True, num_classes=None):
         self.root = Path(root)
-        self.files, self.labels, self.class_names, modes = scan_folder(root, conditional, num_classes)
-        self.channels = channels_from_modes(modes) if channels == "auto" else int(channels)
+        self.files, self.labels, self.class_names, infos = scan_folder(root, conditional, num_classes)
+        self.channels = channels_from_modes(infos) if channels == "auto" else int(channels)
         self.image_size = image_size
 
     def __len__(self):

@@ -6,6 +6,7 @@
 launch() is the only in-file configuration; it calls the same training code as train.py (see train.py
 for every setting and its default). Checkpoints go to models/<run_name>/ckpt.pt and ema_ckpt.pt.
 """
+import argparse
 import sys
 
 from models import Diffusion, UNet  # noqa: F401  (`from ddpm import Diffusion` like the spec's snippet)
@@ -14,11 +15,15 @@ from utils import run_main
 
 
 def cli_overrides(argv):
-    """Only the flags actually given on the command line (so they override launch() settings)."""
+    """Exactly the flags given on the command line, whatever their value, so they override launch().
+
+    Defaults are suppressed rather than filtered by value: `--ema-start 0`, `--cfg-dropout 0` or
+    `--no-random-flip` (False) are real choices, not "unset"."""
     parser = build_parser()
     for action in parser._actions:
-        action.default = None if action.dest != "help" else action.default
-    return {k: v for k, v in vars(parser.parse_args(argv)).items() if v not in (None, False)}
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
 
 
 def launch(**overrides):

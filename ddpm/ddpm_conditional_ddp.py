@@ -13,16 +13,16 @@ train_ddp takes the flags of train.py, sample_ddp / sample those of inference.py
 `--mode X` lists them). `sample` additionally writes grids to <output-dir>_grids/. Every mode also runs
 as a single plain `python` process.
 """
-import argparse
 import sys
 
 import inference
 import train
+from runtime import FlagParser
 
 
 def main(argv=None):
     """Dispatch on --mode to the training or the sampling CLI."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
+    parser = FlagParser(description=__doc__.splitlines()[0], add_help=False)
     parser.add_argument("--mode", choices=["train_ddp", "sample_ddp", "sample"], default="train_ddp")
     args, rest = parser.parse_known_args(argv)
     if args.mode == "train_ddp":

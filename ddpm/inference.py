@@ -15,24 +15,22 @@ Image i of a run is class `labels[i % len(labels)]` with seed `--seed + i`, writ
 never overwritten: a rerun skips them, so an interrupted run is completed by running it again. The output
 folder remembers its settings (settings.json) and refuses samples made with other settings.
 """
-import argparse
 import json
 import time
 from pathlib import Path
 
 import torch
 
+import runtime as rt
 from models import Diffusion, count_parameters, rebuild_model
-from utils import (MODEL_TYPE, UserError, atomic_write_text, barrier, check_writable, finish_distributed,
-                   get_logger, grid_columns, is_dist, load_checkpoint, make_grid, read_json, run_main,
-                   save_image_atomic, save_png_no_overwrite, setup_distributed, setup_precision)
+from runtime import UserError
+from utils import MODEL_TYPE, read_json, save_grid
 
 
 def add_sample_args(p):
-    """Sampling flags (both --dash-case and --snake_case spellings)."""
-    def add(name, **kw):
-        flags = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
-        p.add_argument(*flags, **kw)
+    """Sampling flags on a runtime.FlagParser (every flag in both --dash-case and --snake_case)."""
+    def add(name, aliases=(), **kw):
+        p.add_argument(f"--{name.replace('-', '_')}", aliases=aliases, **kw)
 
     add("ckpt", required=True, help="ckpt.pt, ema_ckpt.pt or train_state.pt of a DDPM run")
     add("use-ema", action="store_true", help="sample with the EMA weights")
@@ -43,9 +41,8 @@ def add_sample_args(p):
     add("batch-size", type=int, default=8, help="images per forward pass per process")
     add("cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (1 = no guidance)")
     add("sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral DDPM or deterministic DDIM")
-    add("sampling-steps", type=int, help="denoising steps (default: all T for ddpm, 50 for ddim)")
-    p.add_argument("--num-sampling-steps", "--num_sampling_steps", dest="sampling_steps", type=int,
-                   help=argparse.SUPPRESS)
+    add("sampling-steps", aliases=["num_sampling_steps"], type=int,
+        help="denoising steps (default: all T for ddpm, 50 for ddim)")
     add("eta", type=float, help="DDIM eta (default 0 for ddim, 1 for ddpm)")
     add("seed", type=int, default=0, help="image i gets seed + i")
     add("output-dir", help="folder for the PNGs (default: samples/<run>_<ckpt>_<sampler><steps>_cfg<s>_seed<n>)")
@@ -61,7 +58,7 @@ def add_sample_args(p):
 
 def build_parser():
     """Parser of `python inference.py`."""
-    return add_sample_args(argparse.ArgumentParser(description="Sample from a trained DDPM."))
+    return add_sample_args(rt.FlagParser(description="Sample from a trained DDPM."))
 
 
 def _is_state_dict(obj):
@@ -73,7 +70,7 @@ def load_model(ckpt, use_ema=False, trust=False):
 
     Returns (model on CPU, info dict with model / diffusion config and class_names, weights path)."""
     ckpt = Path(ckpt)
-    obj = load_checkpoint(ckpt, trust)
+    obj = rt.load_checkpoint(ckpt, trust)
     if isinstance(obj, dict) and "model_type" in obj:  # a train_state.pt
         if obj["model_type"] != MODEL_TYPE:
             raise UserError(f"{ckpt} is a {obj['model_type']!r} checkpoint, not a DDPM one")
@@ -95,7 +92,7 @@ def load_model(ckpt, use_ema=False, trust=False):
         try:
             info = read_json(cfg_path)
         except (OSError, ValueError) as e:
-            raise UserError(f"{cfg_path} is not valid JSON ({e})")
+            raise UserError(f"{cfg_path} is not valid JSON ({e})") from None
         if info.get("model_type") != MODEL_TYPE:
             raise UserError(f"{cfg_path} describes a {info.get('model_type')!r} model, not a DDPM one")
         weights, wpath = obj, ckpt
@@ -103,7 +100,7 @@ def load_model(ckpt, use_ema=False, trust=False):
             wpath = ckpt.parent / "ema_ckpt.pt"
             if not wpath.is_file():
                 raise UserError(f"--use-ema: {wpath} does not exist beside {ckpt}")
-            weights = load_checkpoint(wpath, trust)
+            weights = rt.load_checkpoint(wpath, trust)
             if not _is_state_dict(weights):
                 raise UserError(f"{wpath} is not a DDPM checkpoint (expected a state dict of tensors)")
     model = rebuild_model(info["model"])
@@ -165,7 +162,7 @@ def write_grids(out, grid_dir, labels, class_names, subfolders, seed, num_sample
     idx = range(num_samples)
     if labels is None:
         imgs = [read(image_path(out, i, seed, None, class_names, subfolders)) for i in list(idx)[:64]]
-        save_image_atomic(make_grid(torch.stack(imgs), grid_columns(len(imgs))), grid_dir / "samples.png")
+        save_grid(torch.stack(imgs), grid_dir / "samples.png")
         return [grid_dir / "samples.png"]
     written, rows = [], []
     for c in dict.fromkeys(labels[i % len(labels)] for i in idx):
@@ -173,12 +170,12 @@ def write_grids(out, grid_dir, labels, class_names, subfolders, seed, num_sample
                  if labels[i % len(labels)] == c][:64]
         imgs = torch.stack([read(p) for p in files])
         path = grid_dir / f"{class_names[c]}.png"
-        save_image_atomic(make_grid(imgs, grid_columns(len(imgs))), path)
+        save_grid(imgs, path)
         written.append(path)
         rows.append(imgs[:10])
     width = min(len(r) for r in rows)
     all_path = grid_dir / "all_classes.png"
-    save_image_atomic(make_grid(torch.cat([r[:width] for r in rows]), width), all_path)
+    save_grid(torch.cat([r[:width] for r in rows]), all_path, width)
     return written + [all_path]
 
 
@@ -214,14 +211,11 @@ def sample(args):
         if diff:
             raise UserError(f"{out} holds samples made with other settings ({', '.join(f'{k}={old.get(k)}' for k in diff)}); "
                             f"choose another --output-dir")
-    check_writable(out)
+    rt.check_writable(out)
 
-    rank, world, _, device = setup_distributed(args.device)
-    logger = get_logger(None, rank, "ddpm.sample")
-    amp_dtype, _ = setup_precision(args.mixed_precision, device, logger)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    rank, world, _, device = rt.setup_distributed(args.device)  # also TF32 / cudnn autotuning on a GPU
+    logger = rt.get_logger(None, rank, "ddpm.sample")
+    amp_dtype = rt.autocast_dtype(rt.resolve_precision(args.mixed_precision, device, logger))
     model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -229,40 +223,38 @@ def sample(args):
                           m["c_in"])
     logger.info(f"loaded {wpath} ({describe(info)}, {count_parameters(model):,} parameters); world size {world}")
     if rank == 0:
-        atomic_write_text(json.dumps(settings, indent=2), settings_path)
+        rt.atomic_write_text(json.dumps(settings, indent=2), settings_path)
         if labels is not None and args.class_subfolders:
             for c in set(labels):
                 (out / class_names[c]).mkdir(parents=True, exist_ok=True)
-    barrier()
+    rt.barrier()
 
     mine = [i for i in range(rank, args.num_samples, world)]
     todo = [i for i in mine if not image_path(out, i, args.seed, labels, class_names, args.class_subfolders).exists()]
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), desc=f"rank {rank} images", disable=rank != 0)
-    written, sampled_steps, start = 0, 0, time.perf_counter()
+    written, start = 0, time.perf_counter()
     for b in range(0, len(todo), args.batch_size):
         chunk = todo[b:b + args.batch_size]
         y = torch.tensor([labels[i % len(labels)] for i in chunk], device=device) if labels is not None else None
         imgs = diffusion.sample(model, len(chunk), labels=y, cfg_scale=args.cfg_scale, sampler=args.sampler,
                                 steps=steps, seeds=[args.seed + i for i in chunk], eta=args.eta, progress=False,
                                 autocast_dtype=amp_dtype, channels_last=args.channels_last)
-        sampled_steps += diffusion.last_timing["steps"]
         for i, img in zip(chunk, imgs.cpu()):
-            written += save_png_no_overwrite(img, image_path(out, i, args.seed, labels, class_names,
-                                                             args.class_subfolders))
+            written += rt.save_png_once(rt.to_pil(img), image_path(out, i, args.seed, labels, class_names,
+                                                                   args.class_subfolders))
         bar.update(len(chunk))
     bar.close()
     elapsed = time.perf_counter() - start
-    counts = torch.tensor([written, len(mine) - len(todo), sampled_steps], dtype=torch.float64)
-    if is_dist():
+    counts = torch.tensor([written, len(mine) - len(todo)], dtype=torch.float64)
+    if rt.is_dist():
         torch.distributed.all_reduce(counts)
-    n_new, n_skip, n_steps = int(counts[0]), int(counts[1]), int(counts[2])
+    n_new, n_skip = int(counts[0]), int(counts[1])
     logger.info(f"sampled {n_new} new images ({n_skip} already there) with {args.sampler}, {steps} steps, cfg "
-                f"{args.cfg_scale:g}, world size {world}: {elapsed:.1f} s total, "
-                f"{elapsed * world / max(n_new, 1):.3f} s/image (per process), "
-                f"{elapsed * world / max(n_steps, 1) * 1000:.1f} ms/step (batch of up to {args.batch_size})")
-    barrier()
+                f"{args.cfg_scale:g}, world size {world}, batches of up to {args.batch_size}: "
+                + rt.timing_summary(n_new, steps, elapsed))
+    rt.barrier()
     if rank == 0:
         logger.info(f"images: {out.resolve()}" + (" (one folder per class)" if args.class_subfolders else ""))
         grid_dir = Path(args.grid_dir) if args.grid_dir else (Path(str(out) + "_grids") if args.save_grid else None)
@@ -270,7 +262,7 @@ def sample(args):
             grids = write_grids(out, grid_dir, labels, class_names, args.class_subfolders, args.seed,
                                 args.num_samples)
             logger.info(f"grids: {', '.join(str(g) for g in grids[-1:])} and {len(grids) - 1} more in {grid_dir}")
-    finish_distributed()
+    rt.finish_distributed()
     return out
 
 
@@ -279,7 +271,7 @@ def main(argv=None, save_grid_default=False):
     parser = build_parser()
     if save_grid_default:
         parser.set_defaults(save_grid=True)
-    run_main(sample, parser.parse_args(argv))
+    rt.run_main(sample, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

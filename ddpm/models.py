@@ -1,9 +1,14 @@
 """DDPM networks and noise process: a UNet with self-attention, the Gaussian diffusion (linear / cosine
 schedule, DDPM ancestral and DDIM sampling, classifier-free guidance) and an EMA of the weights.
 
-    from models import UNet, UNet_conditional, Diffusion, EMA, build_model
+    from models import UNet, UNet_conditional, Diffusion, EMA, rebuild_model
     model = UNet_conditional(num_classes=10, img_size=64)         # default: 3 channels, width 64
     images = Diffusion(img_size=64, device="cpu").sample(model, n=4, labels=torch.arange(4), cfg_scale=3)
+    old = UNet_conditional(num_classes=10, img_size=64, arch="dome272")  # layout of converted checkpoints
+
+`arch="dome272"` is the layout of dome272/Diffusion-Models-pytorch's UNet (and of its variant with an
+`attn_threshold`), whose checkpoints convert_checkpoint.py turns into ours; `load_state_dict` names the
+constructor arguments a checkpoint needs instead of printing a size-mismatch traceback.
 
 The UNet is written here rather than taken from diffusers because the spec's `UNet_conditional(...)`
 signature and state-dict layout are our public interface; the sampler is hand-written because every
@@ -17,11 +22,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from runtime import EMA as _RuntimeEMA
+
 from utils import UserError
 
-def _groups(ch):
-    """GroupNorm groups: 32 when possible, fewer for tiny widths."""
-    return math.gcd(32, ch)
+# Architecture presets: what differs between our default UNet and dome272's layout. Neither changes a
+# tensor shape except where attention sits and the time MLP, so load_state_dict can tell them apart.
+ARCHS = {
+    "default": dict(attn_heads=None, norm_groups=None, time_mlp=True, attn_threshold=None),
+    # 4 heads at every width, GroupNorm(1, C), raw sinusoidal time encoding, attention at every level
+    # whose side is <= attn_threshold (64 in both dome272's code and its variant; full resolution included).
+    "dome272": dict(attn_heads=4, norm_groups=1, time_mlp=False, attn_threshold=64),
+}
+
+
+class CheckpointMismatch(UserError, RuntimeError):
+    """A state dict that does not fit the model; RuntimeError too, like torch's own load_state_dict error."""
+
+
+def _groups(ch, norm_groups=None):
+    """GroupNorm groups: 32 when possible, fewer for tiny widths (or a fixed count, e.g. 1)."""
+    return norm_groups or math.gcd(32, ch)
 
 
 def sinusoidal_embedding(t, dim):
@@ -33,16 +54,26 @@ def sinusoidal_embedding(t, dim):
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+def pow_sinusoidal_embedding(t, dim):
+    """The same encoding with the frequencies computed as 1 / 10000**(2i/dim) (dim even).
+
+    Mathematically equal to sinusoidal_embedding, but exp(-ln(1e4) x) and 1e4**-x differ by up to 6e-5 after
+    multiplying by t ~ 1000 in float32; converted dome272 checkpoints use this form to match that code."""
+    freqs = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=t.device).float() / dim))
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
 class DoubleConv(nn.Module):
     """conv-norm-GELU-conv-norm, optionally residual (needs in == out)."""
 
-    def __init__(self, c_in, c_out, mid=None, residual=False):
+    def __init__(self, c_in, c_out, mid=None, residual=False, groups=None):
         super().__init__()
         mid = mid or c_out
         self.residual = residual
         self.net = nn.Sequential(
-            nn.Conv2d(c_in, mid, 3, padding=1, bias=False), nn.GroupNorm(_groups(mid), mid), nn.GELU(),
-            nn.Conv2d(mid, c_out, 3, padding=1, bias=False), nn.GroupNorm(_groups(c_out), c_out))
+            nn.Conv2d(c_in, mid, 3, padding=1, bias=False), nn.GroupNorm(_groups(mid, groups), mid), nn.GELU(),
+            nn.Conv2d(mid, c_out, 3, padding=1, bias=False), nn.GroupNorm(_groups(c_out, groups), c_out))
 
     def forward(self, x):
         return F.gelu(x + self.net(x)) if self.residual else self.net(x)
@@ -51,9 +82,10 @@ class DoubleConv(nn.Module):
 class Down(nn.Module):
     """Halve the resolution, two conv blocks, add the projected time(+class) embedding."""
 
-    def __init__(self, c_in, c_out, emb_dim):
+    def __init__(self, c_in, c_out, emb_dim, groups=None):
         super().__init__()
-        self.conv = nn.Sequential(nn.MaxPool2d(2), DoubleConv(c_in, c_in, residual=True), DoubleConv(c_in, c_out))
+        self.conv = nn.Sequential(nn.MaxPool2d(2), DoubleConv(c_in, c_in, residual=True, groups=groups),
+                                  DoubleConv(c_in, c_out, groups=groups))
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, c_out))
 
     def forward(self, x, emb):
@@ -63,10 +95,11 @@ class Down(nn.Module):
 class Up(nn.Module):
     """Double the resolution, concatenate the skip, two conv blocks, add the embedding."""
 
-    def __init__(self, c_in, c_out, emb_dim):
+    def __init__(self, c_in, c_out, emb_dim, groups=None):
         super().__init__()
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
-        self.conv = nn.Sequential(DoubleConv(c_in, c_in, residual=True), DoubleConv(c_in, c_out, c_in // 2))
+        self.conv = nn.Sequential(DoubleConv(c_in, c_in, residual=True, groups=groups),
+                                  DoubleConv(c_in, c_out, c_in // 2, groups=groups))
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, c_out))
 
     def forward(self, x, skip, emb):
@@ -77,9 +110,11 @@ class Up(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head self-attention over the H*W positions + feed-forward (pre-norm, residual)."""
 
-    def __init__(self, ch, head_dim=32):
+    def __init__(self, ch, head_dim=32, heads=None):
         super().__init__()
-        self.heads = max(1, ch // head_dim)
+        self.heads = heads or max(1, ch // head_dim)
+        if ch % self.heads:
+            raise UserError(f"attention width {ch} is not divisible by {self.heads} heads")
         self.norm = nn.LayerNorm(ch)
         self.qkv = nn.Linear(ch, 3 * ch)
         self.proj = nn.Linear(ch, ch)
@@ -100,31 +135,52 @@ class UNet(nn.Module):
     """UNet noise predictor eps(x_t, t[, y]) for square images whose side is divisible by 8.
 
     Widths base*(1,2,4,4) at resolutions 1, 1/2, 1/4, 1/8, a bottleneck of width base*8, and
-    self-attention at 1/2, 1/4 and 1/8 (not at full resolution, where it would cost (H*W)^2)."""
+    self-attention at 1/2, 1/4 and 1/8 (not at full resolution, where it would cost (H*W)^2).
+    attn_threshold=N instead puts attention at each of the six levels (sa1..sa6, sa6 at full resolution)
+    whose side is <= N. arch="dome272" is the layout of that code (see ARCHS); it sets attn_threshold=64
+    unless given."""
 
     def __init__(self, c_in=3, c_out=3, time_dim=256, img_size=64, base_channels=64, num_classes=None,
-                 device=None):
+                 device=None, arch="default", attn_threshold=None):
         super().__init__()
         if img_size % 8 != 0 or img_size < 8:
             raise UserError(f"image size {img_size} is not divisible by 8 (the UNet halves it 3 times); "
                             f"use e.g. {max(8, img_size // 8 * 8)} or {img_size // 8 * 8 + 8}")
         if c_in not in (1, 3) or c_out not in (1, 3):
             raise UserError(f"channels must be 1 or 3, got c_in={c_in} c_out={c_out}")
-        b = base_channels
+        if arch not in ARCHS:
+            raise UserError(f"arch {arch!r} is unknown (use one of {', '.join(ARCHS)})")
+        opts = dict(ARCHS[arch])
+        if attn_threshold is not None:
+            opts["attn_threshold"] = int(attn_threshold)
+        if not opts["time_mlp"] and time_dim % 2:
+            raise UserError(f"arch={arch!r} needs an even time_dim, got {time_dim}")
+        b, g, heads, thr = base_channels, opts["norm_groups"], opts["attn_heads"], opts["attn_threshold"]
         self.c_in, self.c_out, self.img_size, self.time_dim = c_in, c_out, img_size, time_dim
         self.base_channels, self.num_classes = b, num_classes
-        self.inc = DoubleConv(c_in, b)
-        self.down1, self.sa1 = Down(b, 2 * b, time_dim), SelfAttention(2 * b)
-        self.down2, self.sa2 = Down(2 * b, 4 * b, time_dim), SelfAttention(4 * b)
-        self.down3, self.sa3 = Down(4 * b, 4 * b, time_dim), SelfAttention(4 * b)
-        self.bot1 = DoubleConv(4 * b, 8 * b)
-        self.bot2 = DoubleConv(8 * b, 8 * b)
-        self.bot3 = DoubleConv(8 * b, 4 * b)
-        self.up1, self.sa4 = Up(8 * b, 2 * b, time_dim), SelfAttention(2 * b)
-        self.up2, self.sa5 = Up(4 * b, b, time_dim), SelfAttention(b)
-        self.up3 = Up(2 * b, b, time_dim)
+        self.arch, self.attn_threshold = arch, thr
+
+        def attn(ch, side, default_on):
+            on = default_on if thr is None else side <= thr
+            return SelfAttention(ch, heads=heads) if on else nn.Identity()  # Identity: no state-dict keys
+
+        s = img_size
+        self.inc = DoubleConv(c_in, b, groups=g)
+        self.down1, self.sa1 = Down(b, 2 * b, time_dim, g), attn(2 * b, s // 2, True)
+        self.down2, self.sa2 = Down(2 * b, 4 * b, time_dim, g), attn(4 * b, s // 4, True)
+        self.down3, self.sa3 = Down(4 * b, 4 * b, time_dim, g), attn(4 * b, s // 8, True)
+        self.bot1 = DoubleConv(4 * b, 8 * b, groups=g)
+        self.bot2 = DoubleConv(8 * b, 8 * b, groups=g)
+        self.bot3 = DoubleConv(8 * b, 4 * b, groups=g)
+        self.up1, self.sa4 = Up(8 * b, 2 * b, time_dim, g), attn(2 * b, s // 4, True)
+        self.up2, self.sa5 = Up(4 * b, b, time_dim, g), attn(b, s // 2, True)
+        self.up3, self.sa6 = Up(2 * b, b, time_dim, g), attn(b, s, False)
         self.outc = nn.Conv2d(b, c_out, 1)
-        self.time_mlp = nn.Sequential(nn.Linear(time_dim, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        if opts["time_mlp"]:
+            self.time_mlp = nn.Sequential(nn.Linear(time_dim, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+            self.time_encoding = sinusoidal_embedding
+        else:
+            self.time_mlp, self.time_encoding = nn.Identity(), pow_sinusoidal_embedding
         if num_classes is not None:
             # Index num_classes is the learned "no class" token used for classifier-free guidance.
             self.label_emb = nn.Embedding(num_classes + 1, time_dim)
@@ -133,12 +189,15 @@ class UNet(nn.Module):
 
     def config(self):
         """Plain dict that rebuild_model() turns back into this architecture."""
-        return {"c_in": self.c_in, "c_out": self.c_out, "img_size": self.img_size, "time_dim": self.time_dim,
-                "base_channels": self.base_channels, "num_classes": self.num_classes}
+        cfg = {"c_in": self.c_in, "c_out": self.c_out, "img_size": self.img_size, "time_dim": self.time_dim,
+               "base_channels": self.base_channels, "num_classes": self.num_classes}
+        if self.arch != "default" or self.attn_threshold is not None:  # older configs lack these keys
+            cfg.update(arch=self.arch, attn_threshold=self.attn_threshold)
+        return cfg
 
     def embed(self, t, y=None):
         """Time embedding, plus the class embedding for conditional models (y=None -> 'no class')."""
-        emb = self.time_mlp(sinusoidal_embedding(t, self.time_dim))
+        emb = self.time_mlp(self.time_encoding(t, self.time_dim))
         if self.num_classes is not None:
             if y is None:
                 y = torch.full((t.shape[0],), self.num_classes, device=t.device, dtype=torch.long)
@@ -154,26 +213,130 @@ class UNet(nn.Module):
         x4 = self.bot3(self.bot2(self.bot1(x4)))
         x = self.sa4(self.up1(x4, x3, emb))
         x = self.sa5(self.up2(x, x2, emb))
-        x = self.up3(x, x1, emb)
+        x = self.sa6(self.up3(x, x1, emb))
         return self.outc(x)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """torch's load_state_dict, but a checkpoint of another architecture fails with one sentence
+        naming the constructor arguments it needs (e.g. c_in=1, c_out=1 for a grayscale run)."""
+        problem = checkpoint_mismatch(self, state_dict, strict)
+        if problem:
+            raise CheckpointMismatch(problem)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 class UNet_conditional(UNet):  # noqa: N801  (name fixed by the spec)
     """Class-conditional UNet (learned class embedding + a null token for classifier-free guidance)."""
 
     def __init__(self, c_in=3, c_out=3, time_dim=256, num_classes=None, img_size=64, base_channels=64,
-                 device=None):
+                 device=None, arch="default", attn_threshold=None):
         if num_classes is None or num_classes < 1:
             raise UserError("UNet_conditional needs num_classes >= 1")
-        super().__init__(c_in, c_out, time_dim, img_size, base_channels, num_classes, device)
+        super().__init__(c_in, c_out, time_dim, img_size, base_channels, num_classes, device, arch, attn_threshold)
 
 
 def rebuild_model(cfg):
     """Build the UNet described by a stored config dict (see UNet.config)."""
     kw = {k: cfg[k] for k in ("c_in", "c_out", "img_size", "time_dim", "base_channels")}
+    kw.update(arch=cfg.get("arch") or "default", attn_threshold=cfg.get("attn_threshold"))
     if cfg.get("num_classes"):
         return UNet_conditional(num_classes=int(cfg["num_classes"]), **kw)
     return UNet(**kw)
+
+
+# ---------------------------------------------------------------- reading a state dict's architecture
+ATTN_LEVELS = {"sa1": 2, "sa2": 4, "sa3": 8, "sa4": 4, "sa5": 2, "sa6": 1}  # image side / feature-map side
+
+
+def infer_config(sd, img_size):
+    """Constructor arguments of our UNet that a state dict of our layout needs (img_size is not stored in
+    the weights, so it is taken as given). Raises CheckpointMismatch for state dicts of other models."""
+    if "inc.net.0.weight" not in sd or "outc.weight" not in sd:
+        raise CheckpointMismatch(f"not a state dict of this DDPM UNet ({_describe_keys(sd)})")
+    w = sd["inc.net.0.weight"]
+    cfg = {"c_in": int(w.shape[1]), "c_out": int(sd["outc.weight"].shape[0]), "img_size": int(img_size),
+           "base_channels": int(w.shape[0]), "time_dim": int(sd["down1.emb.1.weight"].shape[1]) if
+           "down1.emb.1.weight" in sd else 256,
+           "num_classes": int(sd["label_emb.weight"].shape[0]) - 1 if "label_emb.weight" in sd else None}
+    present = {name for name in ATTN_LEVELS if f"{name}.qkv.weight" in sd}
+    arch = "default" if "time_mlp.0.weight" in sd else "dome272"
+    thr = None
+    if present != attention_levels(arch, None, img_size):
+        sides = {n: img_size // d for n, d in ATTN_LEVELS.items()}
+        thr = max((sides[n] for n in present), default=0)
+        if attention_levels(arch, thr, img_size) != present:
+            raise CheckpointMismatch(f"the checkpoint has attention at {', '.join(sorted(present)) or 'no level'}, "
+                                     f"which no attn_threshold gives for {img_size}x{img_size} images; "
+                                     f"check the image size it was trained at")
+    cfg.update(arch=arch, attn_threshold=thr)
+    return cfg
+
+
+def attention_levels(arch, attn_threshold, img_size):
+    """Names of the attention blocks (sa1..sa6) a UNet of this layout has."""
+    thr = ARCHS[arch]["attn_threshold"] if attn_threshold is None else attn_threshold
+    if thr is None:
+        return set(ATTN_LEVELS) - {"sa6"}
+    return {n for n, d in ATTN_LEVELS.items() if img_size // d <= thr}
+
+
+def _describe_keys(sd):
+    """A few of a mapping's keys, for error messages."""
+    if not isinstance(sd, dict) or not sd:
+        return f"got {type(sd).__name__}" + (" (empty)" if isinstance(sd, dict) else "")
+    keys = [str(k) for k in list(sd)[:3]]
+    return f"its keys start with {', '.join(repr(k) for k in keys)}"
+
+
+def _call(cfg):
+    """The constructor call that builds cfg, written as the user would type it."""
+    name = "UNet_conditional" if cfg["num_classes"] else "UNet"
+    args = [f"num_classes={cfg['num_classes']}"] if cfg["num_classes"] else []
+    args.append(f"img_size={cfg['img_size']}")
+    for k, default in (("c_in", 3), ("c_out", 3), ("base_channels", 64), ("time_dim", 256)):
+        if cfg[k] != default:
+            args.append(f"{k}={cfg[k]}")
+    if cfg["arch"] != "default":
+        args.append(f"arch={cfg['arch']!r}")
+    if cfg["attn_threshold"] is not None:
+        args.append(f"attn_threshold={cfg['attn_threshold']}")
+    return f"{name}({', '.join(args)})"
+
+
+def checkpoint_mismatch(model, sd, strict=True):
+    """None if sd loads into model, else one sentence saying why and what to build instead."""
+    if not isinstance(sd, dict):
+        return f"expected a state dict, got {type(sd).__name__}"
+    own = model.state_dict()
+    keys_differ = strict and set(sd) != set(own)
+    shapes_differ = any(k in sd and torch.is_tensor(sd[k]) and sd[k].shape != v.shape for k, v in own.items())
+    if not keys_differ and not shapes_differ:
+        return None
+    if "model_type" in sd:
+        what = "a train_state.pt" if "model" in sd else f"a {sd['model_type']!r} checkpoint"
+        return f"this is {what}, not a model state dict: load its ['model'] (or ['ema']) entry"
+    if any(str(k).startswith(("module.", "_orig_mod.")) for k in sd):
+        return ("the keys carry a 'module.' / '_orig_mod.' prefix (a DDP- or compile-wrapped model): strip it, "
+                "e.g. {k.removeprefix('module.'): v for k, v in sd.items()}")
+    if "inc.double_conv.0.weight" in sd:
+        return ("this is a checkpoint of dome272/Diffusion-Models-pytorch's layout: convert it first with "
+                "`python convert_checkpoint.py --src <ckpt.pt> --out-dir <folder>` (see README)")
+    try:
+        need = infer_config(sd, model.img_size)
+    except CheckpointMismatch as e:
+        return str(e)
+    have = model.config()
+    have.setdefault("arch", "default")
+    have.setdefault("attn_threshold", None)
+    diff = [f"{k}={need[k]!r}" for k in need if k != "attn_threshold" and need[k] != have[k]]
+    levels = attention_levels(need["arch"], need["attn_threshold"], model.img_size)
+    if need["arch"] == have["arch"] and levels != attention_levels(have["arch"], have["attn_threshold"],
+                                                                   model.img_size):
+        diff.append(f"attention at {', '.join(sorted(levels)) or 'no level'}")
+    if not diff:
+        return None  # same architecture: let torch report whatever else is wrong
+    return (f"the checkpoint does not fit this {_call(have)}: it was saved from a model with "
+            f"{', '.join(diff)}; build it as {_call(need)}")
 
 
 def count_parameters(model, trainable_only=False):
@@ -181,37 +344,9 @@ def count_parameters(model, trainable_only=False):
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-class EMA:
-    """Exponential moving average of a model's weights, kept as a frozen copy of the module.
-
-    Before `start_step` optimizer steps the copy just follows the model (early weights are noise)."""
-
-    def __init__(self, model, decay=0.995, start_step=2000):
-        import copy
-
-        self.decay, self.start_step = decay, start_step
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model, step):
-        """Blend model weights into the EMA copy (step = optimizer steps done so far)."""
-        src = list(model.state_dict().values())
-        dst = list(self.model.state_dict().values())
-        if step < self.start_step:
-            for d, s in zip(dst, src):
-                d.copy_(s)
-            return
-        floats = [(d, s) for d, s in zip(dst, src) if d.is_floating_point()]
-        torch._foreach_lerp_([d for d, _ in floats], [s for _, s in floats], 1.0 - self.decay)
-        for d, s in zip(dst, src):
-            if not d.is_floating_point():
-                d.copy_(s)
-
-    def state_dict(self):
-        return self.model.state_dict()
-
-    def load_state_dict(self, sd):
-        self.model.load_state_dict(sd)
+def EMA(model, decay=0.995, start_step=2000):  # noqa: N802 - the spec's name for the EMA helper
+    """The shared EMA (runtime.EMA): copies the weights for `start_step` steps, then a fixed `decay`."""
+    return _RuntimeEMA(model, decay, start=start_step)
 
 
 def make_betas(schedule, noise_steps, beta_start=1e-4, beta_end=0.02):

@@ -10,9 +10,10 @@ and its loss.
 Where torch / accelerate / diffusers already have the piece it is used (torch.distributed, torch.amp,
 accelerate in the LDM and ControlNet trainers). Written here, and why:
 - EMA: diffusers' EMAModel has its own warm-up formula and stores its decay schedule in a format of its
-  own; the folders need the official DiT rule (fixed decay from step 0, bit-identical to the reference
-  implementation) and the DDPM rule (copy the weights until `start`, then a fixed decay), both restored
-  bit-exactly on resume, and the DDPM folder does not depend on diffusers.
+  own; the folders need the official DiT rule (fixed decay from step 0; computed with lerp, which equals
+  the reference's mul_/add_ up to float32 rounding and is closer to exact arithmetic) and the DDPM rule
+  (copy the weights until `start`, then a fixed decay), both restored bit-exactly on resume, and the DDPM
+  folder does not depend on diffusers.
 - Seeds: `accelerate.utils.set_seed` seeds the global generators; exact resume needs a seed that is a
   pure function of (seed, rank, step, ...) for per-step generators, which it does not give.
 - RNG capture: plain tensors and lists, so a checkpoint loads with weights_only=True.
@@ -251,12 +252,16 @@ def finish_distributed(code=0):
 
     os._exit because on this kind of machine 10-20% of 2-process gloo runs otherwise aborted at
     interpreter exit ('terminate called without an active exception', exit code 1) even after
-    destroy_process_group(). A single process returns and exits normally."""
+    destroy_process_group(). A single process returns and exits normally. A process of a multi-process
+    launch (WORLD_SIZE > 1) whose group is already gone (accelerate's end_training() destroys it) still
+    leaves through os._exit."""
     if not is_dist():
-        return
-    if code == 0:
-        dist.barrier()
-    dist.destroy_process_group()
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return
+    else:
+        if code == 0:
+            dist.barrier()
+        dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
@@ -486,15 +491,18 @@ def trust_message(path, flag="--trust_checkpoint"):
 def load_checkpoint(path, trust=False, expect_type=None, trust_flag="--trust_checkpoint"):
     """torch.load(map_location='cpu', weights_only=True) with one-line errors; pickles only when trusted.
 
-    The one pickle check: torch refuses a pickled object under weights_only with an UnpicklingError whose
-    text starts 'Weights only load failed'; any other failure means the file is not a checkpoint."""
+    The one pickle check: torch refuses a pickled object under weights_only with an UnpicklingError. The
+    same error type (and text) also comes from a text file that happens to parse as pickle opcodes, so a
+    refusal counts as "pickled objects" only inside a torch zip archive, or when torch names the global it
+    blocked; anything else means the file is not a checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
+        import zipfile
+        if not (zipfile.is_zipfile(path) or "GLOBAL" in str(e) or "Unsupported global" in str(e)):
             raise UserError(f"{path} is not a checkpoint (torch cannot read it)") from None
         if not trust:
             raise UserError(trust_message(path, trust_flag)) from None

@@ -2,9 +2,10 @@
 
     data_root/<class_name>/*.png|jpg|...   (ImageNet-style; classes sorted by name -> labels 0..K-1)
 
-Images become float tensors in [-1, 1] with the VAE's channel count (1 = grayscale kept grayscale);
-16-bit PNGs are scaled from 65535 (never clipped), alpha is dropped, other sizes are resized (shorter
-side, bicubic) and centre-cropped. Horizontal flips are decided by the sampler from (seed, epoch,
+Images become float tensors in [-1, 1] with the VAE's channel count (1 = grayscale kept grayscale) by the
+repository's one image rule (imaging.py, vendored; "How images are read" in the top README): integers /
+their type's maximum (16-bit never clipped), float must be in [0, 1], alpha dropped, shorter side resized
+(antialiased bilinear) and centre-cropped. Horizontal flips are decided by the sampler from (seed, epoch,
 index), so augmentation does not depend on DataLoader workers and survives a resume.
 """
 import hashlib
@@ -14,13 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from imaging import IMAGE_EXTENSIONS, ImageError, check_image, decode_image, list_images, resize_image
 from utils import UserError
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def scan_class_folders(root):
@@ -35,71 +33,36 @@ def scan_class_folders(root):
         raise UserError(f"--data-path {root} has no class folders{hint}")
     samples = []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        files = list_images(root / name, recursive=True)
         if not files:
             raise UserError(f"class folder {root / name} has no images ({', '.join(IMAGE_EXTENSIONS)})")
         samples += [(str(p), label) for p in files]
     return classes, samples
 
 
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
-
-
 def verify_images(samples):
-    """Open every file and check its header cheaply; UserError naming the first bad file.
+    """Decode every file once (as training will); UserError naming the first bad file.
     Returns True when every image is grayscale (samples are then written as 1-channel PNGs)."""
     gray = True
     for path, _ in samples:
         try:
-            with Image.open(path) as im:
-                gray = gray and im.mode in GRAY_MODES
-                im.verify()
-        except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
-            raise UserError(f"{path} is not a readable image ({type(e).__name__}: {e}); "
-                            f"remove or replace it") from None
+            gray = check_image(path).channels == 1 and gray
+        except ImageError as e:
+            raise UserError(str(e)) from None
     return gray
 
 
 def load_image(path, channels):
-    """File -> float32 array (H, W, channels) in [0, 1]; 16-bit scaled by 65535, alpha dropped."""
-    with Image.open(path) as im:
-        im.load()
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(im, dtype=np.float64)
-            # PIL opens 16-bit PNGs as I;16 or I: scale explicitly from the 16-bit range.
-            arr = (arr / 65535.0)[..., None]
-        elif im.mode == "F":
-            arr = np.asarray(im, dtype=np.float64)[..., None]
-            arr = arr / 65535.0 if arr.max() > 1.0 else arr
-        else:
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA" if im.mode in ("RGBA", "P", "PA") else "LA")
-                im = im.convert("RGB") if im.mode == "RGBA" else im.convert("L")
-            if im.mode not in ("L", "RGB"):
-                im = im.convert("RGB")
-            arr = np.asarray(im, dtype=np.float64) / 255.0
-            if arr.ndim == 2:
-                arr = arr[..., None]
-    if channels == 1 and arr.shape[2] == 3:
-        arr = arr @ np.array([0.299, 0.587, 0.114])[:, None]  # ITU-R 601 luma, as PIL's "L"
-    elif channels == 3 and arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    return arr.astype(np.float32)
+    """File -> float32 array (H, W, channels) in [0, 1] by the one image rule (imaging.decode_image)."""
+    try:
+        return decode_image(path, channels).permute(1, 2, 0).numpy()
+    except ImageError as e:
+        raise UserError(str(e)) from None
 
 
 def center_crop_resize(x, size):
-    """(C, H, W) -> (C, size, size): shorter side to size (bicubic, antialiased), centre crop."""
-    c, h, w = x.shape
-    if (h, w) != (size, size):
-        scale = size / min(h, w)
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        if (nh, nw) != (h, w):
-            x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", antialias=True,
-                              align_corners=False)[0].clamp(0, 1)
-        top, left = (x.shape[1] - size) // 2, (x.shape[2] - size) // 2
-        x = x[:, top:top + size, left:left + size]
-    return x
+    """(C, H, W) -> (C, size, size): shorter side to size (antialiased bilinear), centre crop."""
+    return resize_image(x, size)
 
 
 class ImageFolderDataset(Dataset):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from utils import UserError, load_checkpoint, run_main
+from runtime import UserError, load_checkpoint, run_main
 
 PRETRAINED = {"DiT-XL-2-256x256.pt": 256, "DiT-XL-2-512x512.pt": 512}
 URL = "https://dl.fbaipublicfiles.com/DiT/models/{}"

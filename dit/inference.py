@@ -21,7 +21,9 @@ from PIL import Image
 from diffusion import create_diffusion
 from download import PRETRAINED, download_model, pretrained_name
 from models import ALL_MODELS, model_config
-from utils import UserError, autocast, load_checkpoint, load_vae, resolve_precision
+from runtime import (TrainingError, UserError, autocast, load_checkpoint, pick_device, resolve_precision,
+                     save_png_once, save_png_replace, setup_cuda_speedups, to_pil)
+from utils import load_vae
 
 # The class labels the official sample.py shows for ImageNet models.
 OFFICIAL_EXAMPLE_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -103,6 +105,8 @@ def load_for_sampling(args, device, logger):
     else:
         ckpt = load_checkpoint(args.ckpt, trust=args.trust_checkpoint)
         src = args.ckpt
+        if not isinstance(ckpt, dict):
+            raise UserError(f"{src} is not a DiT checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
         p = Path(args.ckpt)
         meta["ckpt_tag"] = f"{p.parent.parent.name}-{p.stem}" if p.parent.name == "checkpoints" else p.stem
         meta["source"] = src
@@ -238,30 +242,18 @@ def sample_latents(model, diffusion, labels, seeds, cfg_scale, sampler="ddpm", e
 
 @torch.no_grad()
 def decode_to_uint8(vae, vinfo, latents, grayscale=False):
-    """Latents -> uint8 images (N, H, W, C) on the CPU; grayscale=True turns an RGB VAE's output into
+    """Latents -> uint8 images (N, C, H, W) on the CPU; grayscale=True turns an RGB VAE's output into
     1-channel luma (the training images were grayscale, so the samples stay grayscale)."""
     x = vae.decode(latents / vinfo["scaling_factor"] + vinfo["shift_factor"]).sample.float()
     if grayscale and x.shape[1] == 3:
         x = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
-    return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+    return torch.clamp(127.5 * x + 128.0, 0, 255).to("cpu", dtype=torch.uint8)
 
 
-def save_png_once(arr, path):
-    """Write a PNG (1-channel stays grayscale) unless path exists; False if it already did."""
-    path = Path(path)
-    img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    try:
-        img.save(tmp)
-        try:
-            os.link(tmp, path)  # fails if another run wrote it meanwhile: never overwrite
-            return True
-        except FileExistsError:
-            return False
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+def save_image_once(image, path):
+    """Write a (C, H, W) uint8 image as PNG (1 channel stays grayscale) unless path exists (runtime's
+    write-once rule: a rerun completes an interrupted run and never overwrites); False if it existed."""
+    return save_png_once(to_pil(image), path)
 
 
 def image_path(folder, class_name, seed, subfolders=True):
@@ -278,18 +270,10 @@ def write_grid(paths, out_path, nrow=8):
     imgs = [torch.from_numpy(np.array(Image.open(p))) for p in paths]
     imgs = [t[None] if t.ndim == 2 else t.permute(2, 0, 1) for t in imgs]
     grid = make_grid(torch.stack(imgs), nrow=min(nrow, len(imgs)), padding=2, pad_value=0)
-    arr = grid.permute(1, 2, 0).numpy()
     if imgs[0].shape[0] == 1:
-        arr = arr[..., :1]
-    out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.stem}.tmp{os.getpid()}.png")
-    try:
-        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(tmp)
-        os.replace(tmp, out_path)  # a grid is a summary of the run: refreshed, not accumulated
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {out_path}: {e.strerror or e}") from None
-    return out_path
+        grid = grid[:1]  # make_grid repeats a gray channel three times
+    save_png_replace(to_pil(grid), out_path)  # a grid is a summary of the run: refreshed, not accumulated
+    return Path(out_path)
 
 
 def write_npz(paths, npz_path, chunk=256):
@@ -310,23 +294,14 @@ def write_npz(paths, npz_path, chunk=256):
         os.replace(tmp, npz_path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {npz_path}: {e.strerror or e}") from None
+        raise TrainingError(f"cannot write {npz_path}: {e.strerror or e}") from None
     return npz_path
-
-
-def timing_lines(n_images, steps, seconds):
-    """After-sampling summary."""
-    n = max(n_images, 1)
-    return [f"Generated {n_images} images with {steps} steps in {seconds:.1f} s",
-            f"  {seconds / n:.3f} s per image, {seconds / (n * max(steps, 1)) * 1000:.2f} ms per image-step"]
 
 
 def resolve_device_precision(requested):
     """(device, precision) for sampling on one process."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = pick_device("auto")
+    setup_cuda_speedups(device)
     return device, resolve_precision(requested, device)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 import inference as inf
-from utils import FlagParser, UserError, check_writable, run_main
+from runtime import FlagParser, UserError, check_writable, run_main, timing_summary
 
 
 def parse_args(argv=None):
@@ -68,9 +68,8 @@ def main(args):
         z = inf.sample_latents(model, diffusion, [b[0] for b in batch], [b[1] for b in batch],
                                args.cfg_scale, args.sampler, args.eta, device, precision, guide_all)
         for (lab, s), img in zip(batch, inf.decode_to_uint8(vae, vinfo, z, meta.get("grayscale", False))):
-            inf.save_png_once(img, inf.image_path(out, names[lab], s))
-    for line in inf.timing_lines(len(todo), args.num_sampling_steps, inf.now() - t0):
-        print(line)
+            inf.save_image_once(img, inf.image_path(out, names[lab], s))
+    print(timing_summary(len(todo), args.num_sampling_steps, inf.now() - t0))
     per_class = defaultdict(list)
     for lab, s in jobs:
         per_class[lab].append(inf.image_path(out, names[lab], s))

@@ -5,7 +5,7 @@
     python sample_ddp.py ... --class-subfolders     # one process; class sub-folders for per-class metrics
 
 Image i (0 <= i < --num-fid-samples) is of class i mod K (or of --class-labels, round robin) and uses seed
---global-seed + i; rank r makes the images with i mod world == r. PNGs go to
+--seed + i (alias --global-seed); rank r makes the images with i mod world == r. PNGs go to
 <sample-dir>/<settings>/[<class_name>/]<class_name>_seed<N>.png and <sample-dir>/<settings>.npz (arr_0,
 uint8 N x H x W x 3) is written at the end from the PNGs, in chunks. Rerunning skips existing images.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 import inference as inf
-from utils import (FlagParser, UserError, barrier, check_writable, finish_distributed, resolve_precision,
-                   run_main, setup_distributed)
+from runtime import (FlagParser, UserError, barrier, check_writable, finish_distributed, resolve_precision,
+                     run_main, setup_distributed, timing_summary)
 
 
 def parse_args(argv=None):
@@ -27,7 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--num-fid-samples", type=int, default=50_000)
     p.add_argument("--per-proc-batch-size", type=int, default=32)
     p.add_argument("--sample-dir", default="samples")
-    p.add_argument("--global-seed", type=int, default=0)
+    p.add_argument("--seed", aliases=["global_seed"], type=int, default=0, help="image i uses seed + i")
     p.add_argument("--class-labels", nargs="+", default=None, help="restrict to these classes")
     p.add_argument("--class-subfolders", action="store_true", help="one sub-folder per class")
     p.add_argument("--no-npz", action="store_true", help="skip the .npz")
@@ -42,7 +42,7 @@ def parse_args(argv=None):
 
 def main(args):
     """Each rank writes its share of the PNGs; rank 0 then writes the .npz."""
-    rank, world, device = setup_distributed()
+    rank, world, _, device = setup_distributed()
     say = print if rank == 0 else (lambda *a, **k: None)
     precision = resolve_precision(args.mixed_precision, device)
     model, vae, vinfo, meta = inf.load_for_sampling(args, device, say)
@@ -51,7 +51,7 @@ def main(args):
     labels = (inf.parse_class_labels(args.class_labels, meta) if args.class_labels
               else list(range(meta["num_classes"])))
     names = meta["class_names"]
-    out = Path(args.sample_dir) / inf.settings_tag(args, meta, vinfo, args.global_seed)
+    out = Path(args.sample_dir) / inf.settings_tag(args, meta, vinfo, args.seed)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         check_writable(out)
@@ -63,8 +63,7 @@ def main(args):
 
     def path_of(i):
         lab = labels[i % len(labels)]
-        return lab, args.global_seed + i, inf.image_path(out, names[lab], args.global_seed + i,
-                                                        args.class_subfolders)
+        return lab, args.seed + i, inf.image_path(out, names[lab], args.seed + i, args.class_subfolders)
 
     mine = [i for i in range(rank, args.num_fid_samples, world) if not path_of(i)[2].exists()]
     done = len(range(rank, args.num_fid_samples, world)) - len(mine)
@@ -79,9 +78,8 @@ def main(args):
         z = inf.sample_latents(model, diffusion, [j[0] for j in jobs], [j[1] for j in jobs], args.cfg_scale,
                                args.sampler, args.eta, device, precision, guide_all)
         for (_, _, path), img in zip(jobs, inf.decode_to_uint8(vae, vinfo, z, meta.get("grayscale", False))):
-            inf.save_png_once(img, path)
-    for line in inf.timing_lines(len(mine), args.num_sampling_steps, inf.now() - t0):
-        say(f"rank 0: {line.strip()}")
+            inf.save_image_once(img, path)
+    say(f"rank 0: {timing_summary(len(mine), args.num_sampling_steps, inf.now() - t0)}")
     barrier()
     if rank == 0:
         paths = [path_of(i)[2] for i in range(args.num_fid_samples)]

@@ -2,22 +2,20 @@
 
     torchrun --nnodes=1 --nproc_per_node=4 train.py --model DiT-B/2 --data-path /path/to/data \
         --results-dir ./results --image-size 256 --num-classes 8 --global-batch-size 256 --epochs 1400
-    python train.py ... --resume auto        # continue the latest run of that model, bit-exactly
+    python train.py ... --resume             # continue the latest run of that model, bit-exactly
 
 Runs go to numbered folders (results/000-DiT-B-2/) with log.txt, tensorboard/ and
 checkpoints/0050000.pt (plain dicts: model, ema, opt, args, step, ... -> loadable with weights_only).
-Testing hook: DIFFUSION_FAULT_NAN_AT_STEP=N makes the loss NaN at step N (to test the NaN stop).
+The plumbing (flags, logging, torchrun setup, precision, checkpoint files, seeds, stop flags, EMA) is the
+shared runtime.py; this file holds DiT's loop and what only DiT needs (run folders, the latent cache).
 """
+import itertools
 import os
 import re
-import shutil
-import signal
 import sys
-import time
-from copy import deepcopy
+from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -27,46 +25,56 @@ from dataset import (CachedLatentDataset, ImageFolderDataset, ResumableSampler, 
                      data_fingerprint, encode_posterior)
 from diffusion import create_diffusion
 from models import ALL_MODELS
-from utils import (FlagParser, UserError, atomic_save, autocast, barrier, check_writable,
-                   create_logger, finish_distributed, load_checkpoint, load_vae, param_table,
-                   resolve_precision, run_main, setup_distributed, vae_fingerprint)
+from runtime import (EMA, FlagParser, StopFlags, Throughput, TrainingError, UserError, add_resume_flag,
+                     any_rank, atomic_save, autocast, barrier, check_writable, cpu_state_dict, derive_seed,
+                     finish_distributed, get_logger, grad_scaler, is_dist, load_checkpoint, mean_over_ranks,
+                     memory_mb, optimizer_kwargs, param_table, remove_stale_temporaries, resolve_precision,
+                     resolve_resume, rng_state, run_main, seed_everything, setup_distributed)
+from utils import load_vae, vae_fingerprint
 
 CKPT_RE = re.compile(r"^(\d{7})\.pt$")
 # Flags whose change makes a resumed run a different experiment.
-RESUME_MUST_MATCH = ("model", "image_size", "num_classes", "global_batch_size", "global_seed",
+RESUME_MUST_MATCH = ("model", "image_size", "num_classes", "global_batch_size", "seed",
                      "class_dropout_prob", "learn_sigma")
+OLD_ARG_NAMES = {"seed": "global_seed"}  # how checkpoints written before the flag renames store them
 
 
 def parse_args(argv=None):
-    """Training flags (the spec's names and defaults, plus resume / precision / caching)."""
+    """Training flags: the spec's names and defaults in the repository's vocabulary, old names as aliases."""
     p = FlagParser(description="Train DiT on class folders of images.")
     p.add_argument("--model", choices=list(ALL_MODELS), default="DiT-B/2")
-    p.add_argument("--data-path", required=True, help="folder with one sub-folder per class")
-    p.add_argument("--results-dir", default="results")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--num-classes", type=int, default=8, help="must equal the number of class folders")
-    p.add_argument("--global-batch-size", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=1400)
-    p.add_argument("--max-train-steps", type=int, default=None, help="stop after this many steps")
-    p.add_argument("--global-seed", type=int, default=0)
+    p.add_argument("--data_root", aliases=["dataset_path", "data_path"], required=True,
+                   help="folder with one sub-folder per class")
+    p.add_argument("--results_dir", default="results", help="numbered run folders go here")
+    p.add_argument("--image_size", type=int, default=256)
+    p.add_argument("--num_classes", type=int, default=8, help="must equal the number of class folders")
+    p.add_argument("--global_batch_size", type=int, default=256, help="over all processes")
+    p.add_argument("--num_epochs", aliases=["epochs"], type=int, default=1400)
+    p.add_argument("--max_train_steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--max_minutes", type=float, default=0.0,
+                   help="time limit: checkpoint and stop after this many minutes (0: none)")
+    p.add_argument("--seed", aliases=["global_seed"], type=int, default=0)
     p.add_argument("--vae", default="ema", help="ema | mse | <hub id> | <AutoencoderKL folder>")
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--ckpt-every", type=int, default=50_000)
-    p.add_argument("--grid-every", type=int, default=None,
+    p.add_argument("--num_workers", type=int, default=4)
+    p.add_argument("--log_every_steps", aliases=["log_every"], type=int, default=100)
+    p.add_argument("--ckpt_every_steps", aliases=["ckpt_every"], type=int, default=50_000)
+    p.add_argument("--sample_every_steps", aliases=["grid_every"], type=int, default=None,
                    help="TensorBoard sample grid every N steps (default: at each checkpoint; 0: never)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--ema-decay", type=float, default=0.9999)
-    p.add_argument("--class-dropout-prob", type=float, default=0.1, help="label dropout for CFG")
-    p.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips")
-    p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
+    p.add_argument("--learning_rate", aliases=["lr"], type=float, default=1e-4)
+    p.add_argument("--weight_decay", type=float, default=0.0)
+    p.add_argument("--ema_decay", type=float, default=0.9999)
+    p.add_argument("--class_dropout_prob", type=float, default=0.1, help="label dropout for CFG")
+    p.add_argument("--random_flip", dest="random_flip", action="store_true", default=True,
+                   help="random horizontal flips (the default)")
+    p.add_argument("--no_random_flip", aliases=["no_flip", "no_hflip"], dest="random_flip",
+                   action="store_false", help="no horizontal flips")
+    p.add_argument("--mixed_precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
                    help="auto: bf16 where the hardware has it, fp16 on older GPUs, else fp32")
-    p.add_argument("--cache-latents", action="store_true",
+    p.add_argument("--cache_latents", action="store_true",
                    help="encode the data set once (posterior mean/std, flipped too) and reuse it")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--resume", default=None, help="auto (latest run of this model) or a checkpoint path")
-    p.add_argument("--trust-checkpoint", action="store_true",
+    add_resume_flag(p)
+    p.add_argument("--trust_checkpoint", action="store_true",
                    help="allow loading a checkpoint that contains pickled Python objects")
     args = p.parse_args(argv)
     args.learn_sigma = True
@@ -74,14 +82,16 @@ def parse_args(argv=None):
         (args.image_size <= 0 or args.image_size % 8, "--image-size must be a positive multiple of 8"),
         (args.num_classes < 1, "--num-classes must be at least 1"),
         (args.global_batch_size < 1, "--global-batch-size must be at least 1"),
-        (args.epochs < 1, "--epochs must be at least 1"),
+        (args.num_epochs < 1, "--num-epochs must be at least 1"),
         (args.max_train_steps is not None and args.max_train_steps < 1, "--max-train-steps must be >= 1"),
-        (args.log_every < 1, "--log-every must be at least 1"),
-        (args.ckpt_every < 1, "--ckpt-every must be at least 1"),
+        (args.max_minutes < 0, "--max-minutes must be >= 0"),
+        (args.log_every_steps < 1, "--log-every-steps must be at least 1"),
+        (args.ckpt_every_steps < 1, "--ckpt-every-steps must be at least 1"),
+        (args.sample_every_steps is not None and args.sample_every_steps < 0, "--sample-every-steps must be >= 0"),
         (args.num_workers < 0, "--num-workers must be >= 0"),
         (not 0 <= args.ema_decay <= 1, "--ema-decay must be in [0, 1]"),
         (not 0 <= args.class_dropout_prob < 1, "--class-dropout-prob must be in [0, 1)"),
-        (args.lr <= 0, "--lr must be positive"),
+        (args.learning_rate <= 0, "--learning-rate must be positive"),
     ]
     for bad, msg in checks:
         if bad:
@@ -89,23 +99,7 @@ def parse_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------- helpers
-def step_seed(global_seed, rank, step):
-    """Seed of all randomness of (rank, step): resume needs no RNG stream, only the step."""
-    return int(np.random.SeedSequence([global_seed, rank, step]).generate_state(1)[0])
-
-
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
-    ema_params = dict(ema.named_parameters())
-    names = [n for n, _ in model.named_parameters()]
-    e = [ema_params[n] for n in names]
-    m = [p.detach() for _, p in model.named_parameters()]
-    torch._foreach_mul_(e, decay)
-    torch._foreach_add_(e, m, alpha=1 - decay)
-
-
+# ----------------------------------------------------------------------------- run folders, resume
 def run_folders(results_dir, model_name):
     """Numbered run folders of this model, oldest first."""
     tag = model_name.replace("/", "-")
@@ -126,40 +120,141 @@ def new_run_dir(results_dir, model_name):
 
 
 def find_resume(args):
-    """(run_dir or None, checkpoint path or None) for --resume."""
+    """(run folder, checkpoint) to continue, or (None, None). --resume alone or `auto`: the latest checkpoint
+    of this model's latest run (a new run when there is none yet); a run folder: its latest checkpoint."""
     if args.resume is None:
         return None, None
+    latest, path = None, Path(args.resume)
     if args.resume == "auto":
-        for run in reversed(run_folders(args.results_dir, args.model)):
-            ckpt = latest_checkpoint(run)
-            if ckpt is not None:
-                return run, ckpt
-        return None, None
-    path = Path(args.resume)
-    if path.is_dir():  # a run folder
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
+        latest = next(filter(None, map(latest_checkpoint, reversed(run_folders(args.results_dir, args.model)))),
+                      None)
+        if latest is None:
+            return None, None
+    elif path.is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
             raise UserError(f"--resume {path}: no checkpoints/NNNNNNN.pt in that folder")
-        return path, ckpt
-    if not path.is_file():
+    elif not path.is_file():
         raise UserError(f"--resume {path}: no such checkpoint (pass auto, a run folder or a .pt file)")
+    path = resolve_resume("auto" if latest else args.resume, latest)
     return path.resolve().parent.parent, path
 
 
 def check_resume_checkpoint(ckpt, path, args):
     """Refuse a checkpoint of another model type or of a different experiment."""
-    if ckpt.get("model_type") != "dit":
-        what = ckpt.get("model_type") or "an unknown model (no model_type)"
-        raise UserError(f"{path} is a checkpoint of {what}, not of a DiT training run")
+    if not isinstance(ckpt, dict) or ckpt.get("model_type") != "dit":
+        what = ckpt.get("model_type") if isinstance(ckpt, dict) else None
+        raise UserError(f"{path} is a checkpoint of {what or 'an unknown model (no model_type)'}, not of a DiT "
+                        f"training run")
     for key in ("model", "opt", "ema", "args", "step"):
         if key not in ckpt:
             raise UserError(f"{path} has no '{key}' entry: it cannot be resumed (start a new run)")
     old = ckpt["args"]
     for key in RESUME_MUST_MATCH:
-        if key in old and old[key] != getattr(args, key):
-            flag = "--" + key.replace("_", "-")
-            raise UserError(f"{path} was trained with {flag} {old[key]}, not {getattr(args, key)}: "
-                            f"pass the same value to resume, or start a new run without --resume")
+        name = key if key in old else OLD_ARG_NAMES.get(key, key)
+        if name in old and old[name] != getattr(args, key):
+            raise UserError(f"{path} was trained with --{key.replace('_', '-')} {old[name]}, not "
+                            f"{getattr(args, key)}: pass the same value to resume, or start a new run without "
+                            f"--resume")
+
+
+def load_data(args, ckpt, resume_path, device):
+    """(dataset, VAE, VAE info, latent size), checked against the flags and the checkpoint.
+
+    The data first: it is quick, while loading a hub VAE offline spends half a minute on retries."""
+    dataset = ImageFolderDataset(args.data_root, args.image_size, channels=None)
+    if len(dataset.classes) != args.num_classes:
+        raise UserError(f"--num-classes {args.num_classes} but {args.data_root} has "
+                        f"{len(dataset.classes)} class folders ({', '.join(dataset.classes[:20])})")
+    if len(dataset) < args.global_batch_size:
+        raise UserError(f"{args.data_root} has {len(dataset)} images, fewer than --global-batch-size "
+                        f"{args.global_batch_size}")
+    if ckpt is not None and ckpt.get("class_names") not in (None, dataset.classes):
+        raise UserError(f"{resume_path} was trained on classes {ckpt['class_names']}, but "
+                        f"{args.data_root} has {dataset.classes}")
+    vae, info = load_vae(args.vae, device)
+    dataset.channels = info["image_channels"]
+    latent_size, rem = divmod(args.image_size, info["factor"])
+    patch = int(args.model.rsplit("/", 1)[1])
+    if rem or latent_size % patch:
+        raise UserError(f"--image-size {args.image_size} gives latents of {args.image_size / info['factor']:g}"
+                        f" pixels (VAE factor {info['factor']}), not divisible by the patch size {patch} "
+                        f"of {args.model}: use a multiple of {info['factor'] * patch}")
+    return dataset, vae, info, latent_size
+
+
+def make_run_dir(args, rank, resume_dir):
+    """The resumed run folder, else a new numbered one: rank 0 decides and creates it, every rank learns it."""
+    run_dir = None
+    if rank == 0:
+        check_writable(args.results_dir)
+        run_dir = resume_dir if resume_dir is not None else new_run_dir(args.results_dir, args.model)
+        check_writable(run_dir / "checkpoints")
+        remove_stale_temporaries(run_dir / "checkpoints")  # left by a run killed inside a save
+    if is_dist():
+        box = [str(run_dir) if run_dir else None]
+        dist.broadcast_object_list(box, src=0)
+        run_dir = Path(box[0])
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- model, data, state
+def build_model(args, latent_size, info, device):
+    """The DiT (the same initial weights on every rank and for every world size), its EMA and AdamW."""
+    torch.manual_seed(args.seed)
+    model = ALL_MODELS[args.model](input_size=latent_size, in_channels=info["latent_channels"],
+                                   num_classes=args.num_classes, class_dropout_prob=args.class_dropout_prob,
+                                   learn_sigma=args.learn_sigma).to(device)
+    ema = EMA(model, args.ema_decay, start=0)  # the official DiT rule: a copy at step 0, decay from step 1
+    opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                            **optimizer_kwargs(device))
+    return model, ema, opt
+
+
+def restore(ckpt, path, model, ema, opt, scaler, world, logger):
+    """Load a training checkpoint into the live objects -> (step, epoch, batch_in_epoch); zeros without one."""
+    if ckpt is None:
+        return 0, 0, 0
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["opt"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    step, epoch, batch_in_epoch = ckpt["step"], ckpt.get("epoch", 0), ckpt.get("batch_in_epoch", 0)
+    if ckpt.get("world_size", world) != world:
+        logger.warning(f"checkpoint was written by {ckpt['world_size']} processes, now {world}: the run "
+                       f"continues, but not bit-identically to an uninterrupted one")
+    logger.info(f"Resumed from {path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+    return step, epoch, batch_in_epoch
+
+
+def make_loader(dataset, vae, info, args, rank, world, device, logger):
+    """(DataLoader, ResumableSampler) over the images, or over their cached latents with --cache-latents."""
+    if args.cache_latents:
+        cache = build_latent_cache(dataset, vae, info, args, rank, world, device, logger)
+        train_set, workers = CachedLatentDataset(cache, [lab for _, lab in dataset.samples]), 0  # in memory
+    else:
+        train_set, workers = dataset, args.num_workers
+    local_batch = args.global_batch_size // world
+    sampler = ResumableSampler(len(dataset), rank, world, local_batch, args.seed, flip=args.random_flip)
+    # An own generator keeps DataLoader from drawing from the global RNG (exact resume).
+    loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, num_workers=workers,
+                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
+                        generator=torch.Generator())
+    return loader, sampler
+
+
+def batches(loader, sampler, epoch, done):
+    """Endless (batch, (epoch, batches done in it) after this batch) from a run's position on; the sampler
+    skips the batches of the current epoch that were done before a resume."""
+    while True:
+        if done >= sampler.batches_per_epoch:
+            epoch, done = epoch + 1, 0
+        sampler.set_epoch(epoch, done)
+        for batch in loader:
+            done += 1
+            yield batch, ((epoch + 1, 0) if done == sampler.batches_per_epoch else (epoch, done))
+        epoch, done = epoch + 1, 0
 
 
 def make_latents(batch, vae, scale, shift, cached, device, precision):
@@ -224,27 +319,56 @@ def build_latent_cache(dataset, vae, info, args, rank, world, device, logger):
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def save_checkpoint(state, path, logger):
-    """Rank 0 writes atomically; every rank learns whether it worked (no rank hangs on a full disk)."""
-    ok = torch.ones(1)
-    if dist.get_rank() == 0 if dist.is_initialized() else True:
+def run_meta(args, dataset, info, latent_size, world):
+    """What every checkpoint of a run carries beside the training state (inference rebuilds the model from it)."""
+    return {"args": dict(vars(args), data_root=os.path.abspath(args.data_root)), "model_type": "dit",
+            "class_names": dataset.classes, "vae": info, "world_size": world,
+            "config": {"model": args.model, "input_size": latent_size, "image_size": args.image_size,
+                       "in_channels": info["latent_channels"], "num_classes": args.num_classes,
+                       "class_dropout_prob": args.class_dropout_prob, "learn_sigma": args.learn_sigma,
+                       "grayscale": dataset.grayscale}}
+
+
+def save_checkpoint(path, meta, model, ema, opt, scaler, step, position, device, logger):
+    """Rank 0 writes the plain-dict checkpoint atomically; every rank learns whether it worked (a full disk
+    stops all ranks with one `error:` line and leaves the previous checkpoint intact). Returns the path."""
+    error = None
+    if not is_dist() or dist.get_rank() == 0:
+        # "rng" is for inspection only: every step reseeds from (seed, rank, step), which is what makes a
+        # resumed run bit-identical without replaying RNG streams.
+        state = {"model": cpu_state_dict(model), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                 "scaler": scaler.state_dict(), "step": step, "epoch": position[0], "batch_in_epoch": position[1],
+                 "rng": rng_state(), **meta}
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             atomic_save(state, path)
             logger.info(f"Saved checkpoint to {path}")
-        except (OSError, RuntimeError) as e:
-            # torch.save's zip writer reports a full disk as RuntimeError ('inline_container'/'PytorchStreamWriter')
-            if isinstance(e, RuntimeError) and "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
-                raise
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else \
-                f"the write failed (disk full? {shutil.disk_usage(path.parent).free // 1024} KiB free)"
-            print(f"error: cannot write {path}: {reason}; the previous checkpoint is intact",
-                  file=sys.stderr, flush=True)
-            ok.zero_()
-    if dist.is_initialized():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if ok.item() == 0:
-        os._exit(1)
+        except TrainingError as e:
+            error = str(e)
+    if any_rank(error is not None, device):
+        raise TrainingError(error or f"rank 0 could not write {path}")
+    return path
+
+
+def log_progress(logger, writer, step, losses, meter, lr, device):
+    """The periodic log line (loss averaged over the steps since the last line and over ranks), also to
+    TensorBoard; empties `losses`."""
+    loss = mean_over_ranks(sum(losses) / len(losses), device)
+    steps_s, images_s = meter.rates()
+    logger.info(f"(step={step:07d}) train loss: {loss:.4f}, lr {lr:g}, steps/s: {steps_s:.2f}, "
+                f"images/s: {images_s:.1f}, memory {memory_mb(device):.0f} MiB")
+    if writer:
+        writer.add_scalar("train/loss", loss, step)
+        writer.add_scalar("train/steps_per_sec", steps_s, step)
+        writer.add_scalar("train/lr", lr, step)
+    losses.clear()
+
+
+def make_writer(run_dir, rank):
+    """TensorBoard writer of rank 0 as a context manager (None on the other ranks)."""
+    if rank != 0:
+        return nullcontext()
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 @torch.no_grad()
@@ -267,208 +391,84 @@ def log_sample_grid(writer, ema, vae, info, classes, latent_size, step, device):
 
 # ----------------------------------------------------------------------------- main
 def main(args):
-    """Train (or resume) a DiT run."""
-    rank, world, device = setup_distributed()
-    logger = create_logger(None, rank)
+    """Build, resume, then one loop: batch -> loss -> check -> backward -> step -> EMA -> log/ckpt/stop."""
+    rank, world, _, device = setup_distributed()
+    logger = get_logger(None, rank, "dit")
     if args.global_batch_size % world:
         raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the "
                         f"{world} processes")
-    local_batch = args.global_batch_size // world
     resume_dir, resume_path = find_resume(args)
-    ckpt = None
     if args.resume == "auto" and resume_path is None:
-        logger.info(f"--resume auto: no checkpoint of {args.model} under {args.results_dir}; starting a new run")
-    if resume_path is not None:
-        ckpt = load_checkpoint(resume_path, trust=args.trust_checkpoint)
+        logger.info(f"--resume: no checkpoint of {args.model} under {args.results_dir}; starting a new run")
+    ckpt = load_checkpoint(resume_path, trust=args.trust_checkpoint) if resume_path else None
+    if ckpt is not None:
         check_resume_checkpoint(ckpt, resume_path, args)
-
-    # Everything that can be wrong with the input is checked before the run folder is created, the
-    # data first: it is quick, while loading a hub VAE offline spends half a minute on retries.
-    dataset = ImageFolderDataset(args.data_path, args.image_size, channels=None)
-    if len(dataset.classes) != args.num_classes:
-        raise UserError(f"--num-classes {args.num_classes} but {args.data_path} has "
-                        f"{len(dataset.classes)} class folders ({', '.join(dataset.classes[:20])})")
-    if len(dataset) < args.global_batch_size:
-        raise UserError(f"{args.data_path} has {len(dataset)} images, fewer than --global-batch-size "
-                        f"{args.global_batch_size}")
-    if ckpt is not None and ckpt.get("class_names") not in (None, dataset.classes):
-        raise UserError(f"{resume_path} was trained on classes {ckpt['class_names']}, but "
-                        f"{args.data_path} has {dataset.classes}")
-    vae, info = load_vae(args.vae, device)
-    dataset.channels = info["image_channels"]
-    latent_size, rem = divmod(args.image_size, info["factor"])
-    patch = int(args.model.rsplit("/", 1)[1])
-    if rem or latent_size % patch:
-        raise UserError(f"--image-size {args.image_size} gives latents of {args.image_size / info['factor']:g}"
-                        f" pixels (VAE factor {info['factor']}), not divisible by the patch size {patch} "
-                        f"of {args.model}: use a multiple of {info['factor'] * patch}")
-
-    # Run folder: rank 0 decides, every rank learns it.
-    if rank == 0:
-        Path(args.results_dir).mkdir(parents=True, exist_ok=True)
-        check_writable(args.results_dir)
-        run_dir = resume_dir if resume_dir is not None else new_run_dir(args.results_dir, args.model)
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        check_writable(run_dir / "checkpoints")
-    else:
-        run_dir = None
-    if dist.is_initialized():
-        box = [str(run_dir) if run_dir else None]
-        dist.broadcast_object_list(box, src=0)
-        run_dir = Path(box[0])
-    logger = create_logger(run_dir, rank)
+    # Everything that can be wrong with the input is checked before the run folder is created.
+    dataset, vae, info, latent_size = load_data(args, ckpt, resume_path, device)
+    run_dir = make_run_dir(args, rank, resume_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    logger = get_logger(run_dir, rank, "dit")
     logger.info(f"World size {world}, device {device}, run folder {run_dir}")
 
     precision = resolve_precision(args.mixed_precision, device, logger)
-    torch.manual_seed(args.global_seed)  # same initial weights on every rank and for every world size
-    np.random.seed(args.global_seed * world + rank)
-    model = ALL_MODELS[args.model](input_size=latent_size, in_channels=info["latent_channels"],
-                                   num_classes=args.num_classes, class_dropout_prob=args.class_dropout_prob,
-                                   learn_sigma=args.learn_sigma).to(device)
-    ema = deepcopy(model).requires_grad_(False)
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                            fused=fused, foreach=None if fused else True)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    step, epoch, batch_in_epoch = 0, 0, 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        step, epoch, batch_in_epoch = ckpt["step"], ckpt.get("epoch", 0), ckpt.get("batch_in_epoch", 0)
-        if ckpt.get("world_size", world) != world:
-            logger.warning(f"checkpoint was written by {ckpt['world_size']} processes, now {world}: the run "
-                           f"continues, but not bit-identically to an uninterrupted one")
-        logger.info(f"Resumed from {resume_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
-    else:
-        update_ema(ema, model, decay=0)  # EMA starts as a copy of the initial weights
-    ema.eval()
+    seed_everything(args.seed * world + rank)  # Python, NumPy: per rank; torch: reseeded below and every step
+    model, ema, opt = build_model(args, latent_size, info, device)
+    scaler = grad_scaler(precision, device)
+    step, epoch, batch_in_epoch = restore(ckpt, resume_path, model, ema, opt, scaler, world, logger)
     del ckpt
-    for line in param_table({"VAE": vae, "DiT": model}):
+    for line in param_table({"VAE": vae, "DiT": model}).splitlines():
         logger.info(line)
     logger.info(f"{args.model}: latents {info['latent_channels']}x{latent_size}x{latent_size}, "
                 f"{args.num_classes} classes, precision {precision}, {len(dataset)} images")
-
-    if args.cache_latents:
-        cache = build_latent_cache(dataset, vae, info, args, rank, world, device, logger)
-        train_set = CachedLatentDataset(cache, [lab for _, lab in dataset.samples])
-        workers = 0  # tensors already in memory
-    else:
-        train_set, workers = dataset, args.num_workers
-    sampler = ResumableSampler(len(dataset), rank, world, local_batch, args.global_seed, flip=args.flip)
-    gpu = device.type == "cuda"
-    # An own generator keeps DataLoader from drawing from the global RNG (exact resume).
-    loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, num_workers=workers,
-                        pin_memory=gpu, drop_last=True, persistent_workers=workers > 0,
-                        generator=torch.Generator())
-    steps_per_epoch = sampler.batches_per_epoch
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_train_steps is not None:
-        total_steps = min(total_steps, args.max_train_steps)
-    if batch_in_epoch >= steps_per_epoch:
-        epoch, batch_in_epoch = epoch + 1, 0
-
+    loader, sampler = make_loader(dataset, vae, info, args, rank, world, device, logger)
+    total_steps = sampler.batches_per_epoch * args.num_epochs
+    total_steps = min(total_steps, args.max_train_steps or total_steps)
     diffusion = create_diffusion(timestep_respacing="")
-    ddp = DDP(model, device_ids=[device.index] if gpu else None) if dist.is_initialized() else model
-    train_model = torch.compile(ddp) if args.compile else ddp
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
-    grid_every = args.ckpt_every if args.grid_every is None else args.grid_every
+    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if is_dist() else model
+    train_model = torch.compile(train_model) if args.compile else train_model
+    meta = run_meta(args, dataset, info, latent_size, world)
+    grid_every = args.ckpt_every_steps if args.sample_every_steps is None else args.sample_every_steps
+    last_good, saved, losses, meter, reason = str(resume_path or "none written yet"), step, [], Throughput(), None
+    logger.info(f"Training for {max(total_steps - step, 0)} more steps ({sampler.batches_per_epoch} per epoch, "
+                f"global batch {args.global_batch_size}, {args.global_batch_size // world} per process)")
 
-    stop_requested = False
-    sigterm = [False]  # set by the handler; ranks agree on it through the per-step all_reduce
-    signal.signal(signal.SIGTERM, lambda signum, frame: sigterm.__setitem__(0, True))
-    nan_at = int(os.environ.get("DIFFUSION_FAULT_NAN_AT_STEP", "0"))  # testing hook, see docstring
-
-    def state():
-        return {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "args": {k: v for k, v in vars(args).items()}, "step": step, "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch, "model_type": "dit", "class_names": dataset.classes,
-                "config": {"model": args.model, "input_size": latent_size, "image_size": args.image_size,
-                           "in_channels": info["latent_channels"], "num_classes": args.num_classes,
-                           "class_dropout_prob": args.class_dropout_prob, "learn_sigma": args.learn_sigma,
-                           "grayscale": dataset.grayscale},
-                "vae": info, "world_size": world,
-                # For inspection only: every step reseeds from (seed, rank, step), which is what makes
-                # a resumed run bit-identical without replaying RNG streams.
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
-                        "cuda": torch.cuda.get_rng_state_all() if gpu else []}}
-
-    args.data_path = os.path.abspath(args.data_path)
     model.train()
-    logger.info(f"Training for {total_steps - step} more steps ({steps_per_epoch} per epoch, "
-                f"global batch {args.global_batch_size}, {local_batch} per process)")
-    running, log_steps, t0 = 0.0, 0, time.time()
-    last_saved = step
-    while step < total_steps and not stop_requested:
-        sampler.set_epoch(epoch, batch_in_epoch)
-        for batch in loader:
-            seed = step_seed(args.global_seed, rank, step)
-            torch.manual_seed(seed)  # seeds CUDA too: latent noise, timesteps, label dropout
+    with StopFlags(args.max_minutes, device) as stop, make_writer(run_dir, rank) as writer:
+        todo = itertools.islice(batches(loader, sampler, epoch, batch_in_epoch), max(total_steps - step, 0))
+        for batch, position in todo:
+            torch.manual_seed(derive_seed(args.seed, rank, step))  # seeds CUDA too: noise, timesteps, dropout
             latent, y = make_latents(batch, vae, info["scaling_factor"], info["shift_factor"],
                                      args.cache_latents, device, precision)
             t = torch.randint(0, diffusion.num_timesteps, (latent.shape[0],), device=device)
             with autocast(precision, device):
                 loss = diffusion.training_losses(train_model, latent, t, {"y": y})["loss"].mean()
-            if nan_at and step + 1 == nan_at:
-                loss = loss * float("nan")
-            flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, float(sigterm[0])], device=device)
-            if dist.is_initialized():
-                dist.all_reduce(flags)
-            if flags[0] > 0:
-                last = latest_checkpoint(run_dir)
-                print(f"error: loss is {loss.item()} at step {step + 1}; stopping before the optimizer "
-                      f"step (last good checkpoint: {last or 'none'})", file=sys.stderr, flush=True)
-                if dist.is_initialized():
-                    os._exit(1)  # the other ranks stop too (same all-reduced flag)
-                sys.exit(1)
+            loss = stop.check_loss(loss, step + 1, last_good)  # NaN/inf on any rank: stop, weights untouched
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            update_ema(ema, model, args.ema_decay)
             step += 1
-            batch_in_epoch += 1
-            running += loss.item()
-            log_steps += 1
-            if step % args.log_every == 0:
-                avg = torch.tensor(running / log_steps, device=device)
-                if dist.is_initialized():
-                    dist.all_reduce(avg)
-                    avg = avg / world
-                dt = time.time() - t0
-                mem = f", mem {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GB" if gpu else ""
-                logger.info(f"(step={step:07d}) train loss: {avg.item():.4f}, lr {args.lr:g}, "
-                            f"steps/s: {log_steps / dt:.2f}, images/s: {log_steps * args.global_batch_size / dt:.1f}{mem}")
-                if writer:
-                    writer.add_scalar("train/loss", avg.item(), step)
-                    writer.add_scalar("train/steps_per_sec", log_steps / dt, step)
-                    writer.add_scalar("train/lr", args.lr, step)
-                running, log_steps, t0 = 0.0, 0, time.time()
-            if batch_in_epoch == steps_per_epoch:
-                epoch, batch_in_epoch = epoch + 1, 0
-            stop_requested = bool(flags[1] > 0)
-            if step % args.ckpt_every == 0 or stop_requested or step == total_steps:
-                save_checkpoint(state(), run_dir / "checkpoints" / f"{step:07d}.pt", logger)
-                last_saved = step
-                barrier()
+            ema.update(model, step)
+            losses.append(loss.item())
+            meter.add(args.global_batch_size)
+            if step % args.log_every_steps == 0:
+                log_progress(logger, writer, step, losses, meter, args.learning_rate, device)
+            if step % args.ckpt_every_steps == 0 or step == total_steps:
+                last_good = save_checkpoint(ckpt_dir / f"{step:07d}.pt", meta, model, ema, opt, scaler, step,
+                                            position, device, logger)
+                saved = step
             if writer and grid_every and step % grid_every == 0:
-                log_sample_grid(writer, ema, vae, info, dataset.classes, latent_size, step, device)
-            if stop_requested or step >= total_steps or batch_in_epoch == 0:
+                log_sample_grid(writer, ema.model, vae, info, dataset.classes, latent_size, step, device)
+            reason = stop.should_stop(step)  # SIGTERM or --max-minutes: checkpoint this step, exit 0
+            if reason:
+                if saved != step:
+                    save_checkpoint(ckpt_dir / f"{step:07d}.pt", meta, model, ema, opt, scaler, step, position,
+                                    device, logger)
                 break
-    if stop_requested:
-        logger.info(f"SIGTERM received: saved step {step} to {run_dir / 'checkpoints'}; resume with --resume auto")
+    if reason:
+        logger.info(f"{reason}: saved step {step} to {ckpt_dir}; continue with --resume")
     else:
-        logger.info(f"Done: {step} steps; checkpoints in {run_dir / 'checkpoints'}")
-    if last_saved != step:
-        save_checkpoint(state(), run_dir / "checkpoints" / f"{step:07d}.pt", logger)
-    if writer:
-        writer.close()
+        logger.info(f"Done: {step} steps; checkpoints in {ckpt_dir}")
     finish_distributed()
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from images import ImageFiles, UserError, collate_images
 from inception import FID_WEIGHTS_FILE, FID_WEIGHTS_URL, FIDInceptionV3
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the one decoder of imaging.py (1 scaled 16-bit/float images per image)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # pytorch-fid's InceptionV3 wrapper stores the same layers as blocks.<i>.<j>; map them back.

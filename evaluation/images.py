@@ -1,21 +1,21 @@
-"""Finding, validating and decoding images for evaluation (8-bit RGB out of any PNG/JPEG/TIFF/... input).
+"""Finding, validating and decoding images for evaluation (any PNG/JPEG/BMP/WebP/TIFF -> what the networks take).
 
-Not run directly; `precision_recall.py` uses it. Medical images are handled explicitly: 16-bit, 32-bit
-integer and float images are scaled to 8 bits per image (min-max by default, or by the type's full range),
-never clipped the way PIL's `convert("RGB")` clips 16-bit values at 255; grayscale becomes 3 equal
-channels; an alpha channel is dropped (not composited). Each image is decoded once, in a DataLoader
-worker, and the same uint8 tensor later feeds every network.
+Not run directly; `precision_recall.py` uses it. Pixels follow the repository's one image rule
+(imaging.py, vendored; "How images are read" in the top README), the same as training reads them:
+integers / their type's maximum (16-bit never clipped), float images must be in [0, 1], alpha dropped
+(not composited), palettes expanded, grayscale repeated to 3 channels. Each image is decoded once, in a
+DataLoader worker, and the same tensor later feeds every network, which then does its own resizing and
+normalisation (features.py).
 """
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-HIGH_DEPTH_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I;32", "I;32B")
-ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+from imaging import IMAGE_EXTENSIONS, ImageError, check_image, decode_image  # noqa: F401 (re-exported)
+from imaging import list_images as _list_image_files
+
+# --scaling of precision_recall.py: kept so the flag still parses; every value decodes by the one rule.
 SCALINGS = ("minmax", "full")
 
 
@@ -25,14 +25,7 @@ class UserError(Exception):
 
 def list_images(root):
     """Relative paths (sorted) of all images under root, recursive, extensions case-insensitive."""
-    root = Path(root)
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(os.path.relpath(os.path.join(dirpath, name), root))
-    return sorted(found)
+    return [str(p.relative_to(root)) for p in _list_image_files(root, recursive=True)]
 
 
 def class_layout(root, rel_files):
@@ -48,77 +41,53 @@ def class_layout(root, rel_files):
 
 
 def validate_images(root, rel_files, label):
-    """Open every file's header (and verify PNG chunks); name the first bad file. Returns notes for users."""
-    modes, sizes = {}, set()
+    """Decode every file once (as extraction will); name the first bad file. Returns notes for users."""
+    infos, sizes = [], set()
     for rel in rel_files:
-        path = Path(root) / rel
         try:
-            with Image.open(path) as im:
-                modes[im.mode] = modes.get(im.mode, 0) + 1
-                sizes.add(im.size)
-                im.verify()
-        except Exception as exc:  # PIL raises many types for corrupt files
-            raise UserError(f"{path} is not a readable image ({type(exc).__name__}: {exc}); "
-                            "remove or replace it") from None
+            info = check_image(Path(root) / rel)
+        except ImageError as exc:
+            raise UserError(str(exc)) from None
+        infos.append(info)
+        sizes.add(info.size)
     notes = []
-    n_alpha = sum(c for m, c in modes.items() if m in ALPHA_MODES)
-    n_high = sum(c for m, c in modes.items() if m in HIGH_DEPTH_MODES or m.startswith("I;"))
+    n_alpha = sum(i.alpha for i in infos)
+    n_high = sum(i.dtype not in ("uint8", "bool") for i in infos)
     if n_alpha:
         notes.append(f"{label}: {n_alpha} image(s) have an alpha channel; it is dropped (not composited)")
     if n_high:
-        notes.append(f"{label}: {n_high} image(s) are 16-bit/32-bit/float; scaled to 8 bits explicitly")
+        notes.append(f"{label}: {n_high} image(s) are 16-bit/32-bit/float; read at full precision "
+                     f"(integers / their type's maximum, floats as stored in [0, 1])")
     if len(sizes) > 1:
         notes.append(f"{label}: images come in {len(sizes)} sizes; each network resizes them to its input")
     return notes
 
 
-def to_uint8(array, scaling="minmax"):
-    """Scale a high-depth single-channel array to uint8 without clipping (per-image min-max or full range)."""
-    a = np.asarray(array, dtype=np.float64)
-    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
-    if scaling == "minmax":
-        lo, hi = float(a.min()), float(a.max())
-        scaled = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-    else:  # "full": the value range of the stored type
-        if np.issubdtype(np.asarray(array).dtype, np.floating):
-            lo, hi = 0.0, 1.0  # float images are taken to be in [0, 1]
-        else:
-            lo, hi = 0.0, 65535.0 if a.max() <= 65535 else float(np.iinfo(np.int32).max)
-        scaled = np.clip((a - lo) / (hi - lo), 0, 1)
-    return np.round(scaled * 255.0).astype(np.uint8)
-
-
-def load_rgb(path, scaling="minmax"):
-    """Decode one image to a uint8 H x W x 3 array."""
-    with Image.open(path) as im:
-        im.seek(0)
-        mode = im.mode
-        if mode in HIGH_DEPTH_MODES or mode.startswith("I;"):
-            gray = to_uint8(np.asarray(im), scaling)
-        elif mode in ("LA", "La"):
-            gray = np.asarray(im.getchannel(0))
-        elif mode == "L":
-            gray = np.asarray(im)
-        else:  # RGB, RGBA (alpha dropped), P, CMYK, YCbCr, 1 ...
-            return np.array(im.convert("RGB"))  # a writable copy (torch.from_numpy needs one)
-    return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+def load_rgb(path):
+    """Decode one image to a uint8 H x W x 3 array (the decoded [0, 1] values rounded to 8 bits)."""
+    x = decode_image(path, 3).permute(1, 2, 0).numpy()
+    return np.round(x * 255.0).astype(np.uint8)
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Items are (index, uint8 3 x H x W tensor or None, error text or None)."""
+    """Items are (index, float32 3 x H x W tensor on the 0..255 scale or None, error text or None).
 
-    def __init__(self, paths, scaling="minmax"):
-        self.paths, self.scaling = list(paths), scaling
+    The tensor is the decoder's [0, 1] image times 255, unrounded: features.extract divides by 255 as
+    torchvision's ToTensor does (bit-identical to it for 8-bit files) and 16-bit/float images keep their
+    precision. `scaling` is accepted for the callers' signatures and ignored: there is one rule."""
+
+    def __init__(self, paths, scaling=None):
+        self.paths = list(paths)
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         try:
-            rgb = load_rgb(self.paths[i], self.scaling)
-        except Exception as exc:  # reported by the main process with the file name
-            return i, None, f"{self.paths[i]} could not be decoded ({type(exc).__name__}: {exc})"
-        return i, torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), None
+            x = decode_image(self.paths[i], 3)
+        except ImageError as exc:  # reported by the main process, which adds what to do
+            return i, None, f"{exc.path} {exc.problem}"
+        return i, x * 255.0, None
 
 
 def collate_images(items):

@@ -37,6 +37,8 @@ from metrics import (density_coverage, feature_stats, frechet_distance, frechet_
 
 ALL_METRICS = ("fid", "precision", "recall", "kid", "density", "coverage")
 DEFAULT_METRICS = "fid,precision,recall"
+# How files become pixels: the one rule of imaging.py (recorded in the JSON and in the feature-cache key).
+DECODING = "imaging.py v1: integers / type max, floats in [0,1], ITU-601 luma, antialiased resize"
 MIN_RELIABLE = 2048
 RULE = "=" * 40
 
@@ -63,8 +65,8 @@ def parse_args(argv=None):
         help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (otherwise downloaded)")
     add("--vgg_weights", "--vgg-weights", default=None,
         help="torchvision vgg16-397923af.pth state dict (otherwise downloaded)")
-    add("--scaling", choices=SCALINGS, default="minmax",
-        help="16-bit/float images to 8 bits: per-image min-max, or the type's full range")
+    # retired: every image is now decoded by the one rule of imaging.py; the old values still parse
+    add("--scaling", choices=SCALINGS, default=None, help=argparse.SUPPRESS)
     add("--pr_k", "--pr-k", type=int, default=3, help="nearest neighbour k for precision/recall")
     add("--dc_k", "--dc-k", type=int, default=5, help="nearest neighbour k for density/coverage")
     add("--kid_subsets", "--kid-subsets", type=int, default=100)
@@ -317,7 +319,7 @@ def fill_features(side, want, get_net, weight_files, args, device, notes):
     """Features of a folder side for the networks in `want`: from the cache (real folders) or one pass."""
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     use_cache = side.role == "real" and not args.no_cache
-    fkey = folder_key(side.path, side.files, args.scaling) if use_cache else None
+    fkey = folder_key(side.path, side.files, DECODING) if use_cache else None
     todo, feats = [], {}
     for name in sorted(want):
         cached = read_cache(cache_path(cache_dir, fkey, net_identity(name, weight_files[name])), side.n) \
@@ -331,7 +333,7 @@ def fill_features(side, want, get_net, weight_files, args, device, notes):
     if todo:
         paths = [str(side.path / f) for f in side.files]
         got = extract(paths, {n: get_net(n) for n in todo}, args.batch_size, args.num_workers, device,
-                      args.scaling, desc=f"{side.role} features ({side.n} images)")
+                      DECODING, desc=f"{side.role} features ({side.n} images)")
         for name, arr in got.items():
             err = write_cache(cache_path(cache_dir, fkey, net_identity(name, weight_files[name])), arr) \
                 if fkey else None
@@ -504,7 +506,7 @@ def run(args):
         "fd_features": labels["fd"], "nn_features": labels["nn"],
         "feature_extractor": args.feature_extractor, "classifier": args.classifier,
         "inception_weights": args.inception_weights, "vgg_weights": args.vgg_weights,
-        "scaling": args.scaling, "pr_k": args.pr_k, "dc_k": args.dc_k, "kid_subsets": args.kid_subsets,
+        "decoding": DECODING, "pr_k": args.pr_k, "dc_k": args.dc_k, "kid_subsets": args.kid_subsets,
         "kid_subset_size": args.kid_subset_size, "seed": args.seed,
         "seconds": round(time.time() - t0, 2)}
     print_report(res, labels, real, gen, notes)
@@ -518,6 +520,9 @@ def run(args):
 def main(argv=None):
     """Entry point: bad input -> `error: ...` on stderr and exit code 2."""
     args = parse_args(argv)
+    if args.scaling is not None:
+        print("warning: --scaling is no longer used: every image is decoded by one rule (README, "
+              "'How images are read')", file=sys.stderr)
     try:
         return run(args)
     except UserError as exc:

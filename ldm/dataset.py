@@ -2,9 +2,11 @@
 
     data_root/<class_name>/<image>.png   (class names sorted -> labels 0..C-1)
 
-Not run directly; `train.py` and `train_vae.py` use it. Every file is opened and its header verified
-up front so a broken file is named before any training starts. Grayscale data (including 16-bit PNGs,
-scaled from 0..65535, never clipped) stays 1-channel here; RGBA drops alpha; palette images become RGB.
+Not run directly; `train.py` and `train_vae.py` use it. Every file is decoded once up front so a broken
+file is named before any training starts. Pixels follow the repository's one image rule (imaging.py,
+vendored; "How images are read" in the top README): integers / their type's maximum (16-bit never
+clipped), float must be in [0, 1], alpha dropped, palettes expanded, shorter side resized (antialiased
+bilinear) and centre-cropped. Grayscale data stays 1-channel here.
 Randomness (order, flips) is a pure function of (seed, epoch, index), so resumed runs and any
 `--num_workers` see the same batches.
 """
@@ -15,19 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
+from imaging import IMAGE_EXTENSIONS, ImageError, check_image, decode_image, resize_image
+from imaging import list_images as _list_image_files
 from utils import UserError
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+IMAGE_EXTS = IMAGE_EXTENSIONS
 
 
 def list_images(folder):
     """Sorted image files (by extension, hidden files skipped) directly inside `folder`."""
-    return sorted(p for p in Path(folder).iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS)
+    return _list_image_files(folder)
 
 
 def scan_class_folders(root):
@@ -41,66 +41,38 @@ def scan_class_folders(root):
         hint = (f" (it holds {len(loose)} images directly; put them in one subfolder per class)"
                 if loose else " (it is empty)")
         raise UserError(f"--data_root {root} has no class subfolders{hint}")
-    samples, modes = [], set()
+    samples, channels = [], 1
     for label, name in enumerate(classes):
         files = list_images(root / name)
         if not files:
             raise UserError(f"class folder {root / name} has no images ({', '.join(sorted(IMAGE_EXTS))}); "
                             f"add images or remove the folder")
         for f in files:
-            modes.add(verify_image(f))
+            channels = max(channels, verify_image(f).channels)
             samples.append((f, label))
-    channels = 1 if modes <= GRAY_MODES else 3
     return classes, samples, channels
 
 
 def verify_image(path):
-    """Open and verify an image file's structure without decoding it; return its PIL mode."""
+    """Decode an image file fully (as training will); return its ImageInfo, UserError naming it if unusable."""
     try:
-        with Image.open(path) as im:
-            mode = im.mode
-            im.verify()
-    except Exception as e:
-        raise UserError(f"{path} is not a readable image ({type(e).__name__}: {e}); "
-                        f"remove or replace the file") from None
-    return mode
+        return check_image(path)
+    except ImageError as e:
+        raise UserError(str(e)) from None
 
 
 def load_image(path, image_size, channels):
-    """Decode, convert to float [0,1], resize shorter side + centre crop, return (channels,H,W) in [-1,1]."""
+    """Decode to float [0,1], resize shorter side + centre crop, return (channels,H,W) in [-1,1]."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-                # 16-bit grayscale: scale the full 0..65535 range explicitly instead of clipping to 8 bit
-                arr = np.asarray(im, dtype=np.float64) / 65535.0
-                arr = arr[..., None]
-            elif im.mode == "F":
-                arr = np.asarray(im, dtype=np.float64)
-                arr = (arr / 255.0 if arr.max() > 1.0 else arr)[..., None]
-            elif im.mode in GRAY_MODES:
-                arr = np.asarray(im.convert("L"), dtype=np.float64)[..., None] / 255.0
-            else:
-                arr = np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
-    except Exception as e:
-        raise UserError(f"{path} could not be decoded ({type(e).__name__}: {e}); remove or replace it") from None
-    x = torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1)
-    if x.shape[0] != channels:
-        x = x.expand(channels, -1, -1) if x.shape[0] == 1 else x.mean(0, keepdim=True)
-    x = resize_center_crop(x, image_size)
-    return x.clamp(0, 1) * 2 - 1
+        x = resize_image(decode_image(path, channels), image_size)
+    except ImageError as e:
+        raise UserError(str(e)) from None
+    return x * 2 - 1
 
 
 def resize_center_crop(x, size):
-    """Resize (C,H,W) so the shorter side is `size` (antialiased bicubic), then centre-crop to size x size."""
-    _, h, w = x.shape
-    if (h, w) != (size, size):
-        scale = size / min(h, w)
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0]
-        top, left = (nh - size) // 2, (nw - size) // 2
-        x = x[:, top:top + size, left:left + size]
-    return x.contiguous()
+    """Resize (C,H,W) so the shorter side is `size` (antialiased bilinear), then centre-crop to size x size."""
+    return resize_image(x, size)
 
 
 def flip_decision(seed, epoch, index):

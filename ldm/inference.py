@@ -11,10 +11,6 @@ Images go to <output_dir>/<checkpoint>_<scheduler><steps>_cfg<scale>_seed<seed>[
 output does not depend on --batch_size. Existing files are never overwritten: a rerun only fills in
 what is missing. The model is rebuilt from the checkpoint (EMA weights unless --no_ema).
 """
-import argparse
-import contextlib
-import json
-import math
 import time
 from pathlib import Path
 
@@ -23,8 +19,9 @@ import torch
 from PIL import Image
 
 from models import SCHEDULERS, denoiser_from_checkpoint, load_vae, sample_images
-from utils import (UserError, add_flag, load_checkpoint, resolve_precision, run_main, save_png_exclusive,
-                   setup_cuda_speedups)
+from runtime import (FlagParser, UserError, autocast, check_writable, pick_device, resolve_precision, run_main,
+                     save_png_once, save_png_replace, setup_cuda_speedups, to_pil)
+from utils import load_checkpoint
 
 REQUIRED_KEYS = ("unet_config", "unet", "class_embedder", "class_names", "num_classes", "vae",
                  "vae_scaling_factor", "image_size", "image_channels", "noise_scheduler_config")
@@ -32,17 +29,17 @@ SEED_STRIDE = 1_000_000  # seeds of different classes never collide for < 1e6 im
 
 
 def add_sampling_flags(p):
-    """Flags shared by inference.py and inference_per_class.py."""
-    add_flag(p, "checkpoint", required=True, help="LDM checkpoint (checkpoint_best.pt / checkpoint_last.pt)")
-    add_flag(p, "cfg_scale", type=float, default=3.0, help="classifier-free guidance strength (1 = off)")
-    add_flag(p, "num_inference_steps", type=int, default=50)
-    add_flag(p, "scheduler", default="ddim", choices=list(SCHEDULERS), help="diffusers sampler")
-    add_flag(p, "batch_size", type=int, default=16, help="images per forward pass (memory)")
-    add_flag(p, "seed", type=int, default=42)
-    add_flag(p, "mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    add_flag(p, "no_ema", action="store_true", help="use the raw weights even if EMA weights exist")
-    add_flag(p, "vae", default=None, help="override the VAE recorded in the checkpoint (hub id or folder)")
-    add_flag(p, "trust_checkpoint", action="store_true", help="allow loading pickled checkpoints")
+    """Flags shared by inference.py and inference_per_class.py (p: a runtime.FlagParser, both spellings)."""
+    p.add_argument("--checkpoint", required=True, help="LDM checkpoint (checkpoint_best.pt / checkpoint_last.pt)")
+    p.add_argument("--cfg_scale", type=float, default=3.0, help="classifier-free guidance strength (1 = off)")
+    p.add_argument("--num_inference_steps", type=int, default=50)
+    p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS), help="diffusers sampler")
+    p.add_argument("--batch_size", type=int, default=16, help="images per forward pass (memory)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--no_ema", action="store_true", help="use the raw weights even if EMA weights exist")
+    p.add_argument("--vae", default=None, help="override the VAE recorded in the checkpoint (hub id or folder)")
+    p.add_argument("--trust_checkpoint", action="store_true", help="allow loading pickled checkpoints")
 
 
 def check_sampling_args(a):
@@ -84,10 +81,9 @@ def image_seed(base, class_idx, j):
     return base + SEED_STRIDE * class_idx + j
 
 
-def to_pil(img):
+def float_to_pil(img):
     """(C,H,W) float in [0,1] -> 8-bit grayscale or RGB PIL image."""
-    arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    return Image.fromarray(arr[0], mode="L") if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0), "RGB")
+    return to_pil((img.clamp(0, 1) * 255).round().to(torch.uint8))
 
 
 class Generator:
@@ -108,11 +104,10 @@ class Generator:
 
     def setup(self):
         """Move to the device, build the denoiser (heavy part, after all checks)."""
-        setup_cuda_speedups()
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        prec = resolve_precision(self.args.mixed_precision)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else None
+        self.device = pick_device("auto")
+        setup_cuda_speedups(self.device)
+        prec = resolve_precision(self.args.mixed_precision, self.device)
+        self.autocast = (lambda: autocast(prec, self.device)) if prec != "no" else None  # a factory: single-use contexts
         self.denoiser, self.used_ema = denoiser_from_checkpoint(self.ckpt, use_ema=not self.args.no_ema)
         self.denoiser.to(self.device)
         if self.device.type == "cuda":
@@ -141,7 +136,7 @@ class Generator:
                                  num_steps=a.num_inference_steps, cfg_scale=a.cfg_scale, device=self.device,
                                  autocast=self.autocast)
             for img, (_, _, path) in zip(imgs, chunk):
-                written += save_png_exclusive(to_pil(img), path)  # never overwrites a concurrent run's file
+                written += save_png_once(float_to_pil(img), path)  # never overwrites a concurrent run's file
             batches += 1
             bar.update(len(chunk))
         bar.close()
@@ -169,26 +164,21 @@ def write_grid(rows_of_paths, image_channels, path):
     if not tiles:
         return None
     grid = torchvision.utils.make_grid(torch.stack(tiles), nrow=ncol, padding=2, pad_value=1.0)
-    img = to_pil(grid)
+    img = float_to_pil(grid)
     if image_channels == 1:
         img = img.convert("L")
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    try:
-        img.save(tmp, format="PNG")
-        tmp.replace(path)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    save_png_replace(img, path)  # a unique temporary file, then os.replace: concurrent runs cannot collide
     return path
 
 
 def main(argv=None):
     """Parse flags, check inputs, generate."""
-    p = argparse.ArgumentParser(description="Generate images from an LDM checkpoint.")
+    p = FlagParser(description="Generate images from an LDM checkpoint.")
     add_sampling_flags(p)
-    add_flag(p, "output_dir", default="./generated")
-    add_flag(p, "num_samples", type=int, default=10, help="images per class")
-    add_flag(p, "class_label", default=None, help="class name to generate (default: every class)")
-    add_flag(p, "save_grid", action="store_true", help="also write grid.png (one row per class)")
+    p.add_argument("--output_dir", default="./generated")
+    p.add_argument("--num_samples", type=int, default=10, help="images per class")
+    p.add_argument("--class_label", default=None, help="class name to generate (default: every class)")
+    p.add_argument("--save_grid", action="store_true", help="also write grid.png (one row per class)")
     args = p.parse_args(argv)
     check_sampling_args(args)
     if args.num_samples < 1:
@@ -199,10 +189,7 @@ def main(argv=None):
     tag = (f"{Path(args.checkpoint).stem}_{args.scheduler}{args.num_inference_steps}_cfg{args.cfg_scale:g}"
            f"_seed{args.seed}{'_raw' if args.no_ema else ''}")
     folder = Path(args.output_dir).expanduser() / tag
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output folder {folder}: {e.strerror or e}") from None
+    check_writable(folder)
     gen.setup()
     jobs = [(c, image_seed(args.seed, c, j), folder / f"{names[c]}_seed{image_seed(args.seed, c, j)}.png")
             for c in classes for j in range(args.num_samples)]

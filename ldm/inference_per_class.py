@@ -9,12 +9,11 @@ classes each gets total_samples // C images, the first total_samples % C classes
 a rerun with the same settings fills in only the missing files; the settings are recorded in
 <output_dir>/generation_settings.json and a rerun with other settings is refused rather than mixed in.
 """
-import argparse
 import json
 from pathlib import Path
 
 from inference import Generator, add_sampling_flags, check_sampling_args, image_seed, resolve_classes
-from utils import UserError, add_flag, run_main
+from runtime import FlagParser, UserError, atomic_write_text, check_writable, run_main
 
 SETTINGS_THAT_CHANGE_IMAGES = ("checkpoint", "cfg_scale", "num_inference_steps", "scheduler", "seed", "no_ema",
                                "mixed_precision")
@@ -44,11 +43,11 @@ def check_settings(out, args):
 
 def main(argv=None):
     """Parse flags, check inputs, generate the missing images per class."""
-    p = argparse.ArgumentParser(description="Generate N images split evenly over an LDM's classes.")
+    p = FlagParser(description="Generate N images split evenly over an LDM's classes.")
     add_sampling_flags(p)
-    add_flag(p, "output_dir", default="./generated_per_class")
-    add_flag(p, "total_samples", type=int, default=8000, help="images over all classes")
-    add_flag(p, "classes", nargs="+", default=None, help="only these class names (default: all)")
+    p.add_argument("--output_dir", default="./generated_per_class")
+    p.add_argument("--total_samples", type=int, default=8000, help="images over all classes")
+    p.add_argument("--classes", nargs="+", default=None, help="only these class names (default: all)")
     args = p.parse_args(argv)
     check_sampling_args(args)
     if args.total_samples < 1:
@@ -58,13 +57,10 @@ def main(argv=None):
     classes = resolve_classes(gen.ckpt, args.classes)
     out = Path(args.output_dir).expanduser()
     settings_path, settings = check_settings(out, args)
-    try:
-        for c in classes:
-            (out / names[c]).mkdir(parents=True, exist_ok=True)
-        if not settings_path.is_file():
-            settings_path.write_text(json.dumps(settings, indent=1))
-    except OSError as e:
-        raise UserError(f"cannot write to {out}: {e.strerror or e}") from None
+    for c in classes:
+        check_writable(out / names[c])
+    if not settings_path.is_file():
+        atomic_write_text(json.dumps(settings, indent=1), settings_path)
     gen.setup()
     counts = per_class_counts(args.total_samples, len(classes))
     jobs = []

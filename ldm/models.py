@@ -6,7 +6,6 @@ index `num_classes` as the learned null class used for classifier-free guidance.
 diffusers' attention already runs through `F.scaled_dot_product_attention` (AttnProcessor2_0).
 """
 import contextlib
-import copy
 import hashlib
 import json
 import os
@@ -18,7 +17,7 @@ import torch.nn as nn
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                        UNet2DConditionModel)
 
-from utils import UserError
+from runtime import UserError
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 
@@ -177,23 +176,6 @@ def decode_to_images(vae, latents, scaling_factor, image_channels):
     if image_channels == 1 and x.shape[1] != 1:
         x = x.mean(1, keepdim=True)
     return x
-
-
-@torch.no_grad()
-def ema_update(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, for every floating parameter and buffer."""
-    ep = [p for p in ema.parameters()]
-    mp = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ep, mp, 1.0 - decay)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
-        b_ema.copy_(b)
-
-
-def make_ema(model):
-    """A frozen copy of `model` for the exponential moving average."""
-    ema = copy.deepcopy(model)
-    ema.requires_grad_(False).eval()
-    return ema
 
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler}

@@ -13,26 +13,27 @@ AutoencoderKL (config.json + diffusion_pytorch_model.safetensors) whose `scaling
 the latents measured on the data; pass it to train.py as `--vae <output_dir>`. The same folder keeps
 checkpoint_last.pt (exact --resume), log.txt and tensorboard/. Missing next to the original SD VAE
 recipe: no LPIPS perceptual loss and no patch-GAN discriminator, so reconstructions are blurrier.
+Same flags, runtime and loop shape as train.py (see utils.add_run_flags).
 """
-import argparse
 import math
 import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 
 from dataset import EpochBatches, ImageDataset, scan_class_folders
 from models import check_image_size, load_vae, plain_config, to_vae_input, vae_downsample_factor
-from utils import (StopFlag, TrainingError, UserError, add_flag, atomic_torch_save, check_writable, derived_seed,
-                   fault_nan_step, finish, get_logger, load_resume_checkpoint, optimizer_kwargs, param_table,
-                   resolve_precision, rng_state, run_main, seed_everything, set_rng_state, setup_cuda_speedups)
+from runtime import (FlagParser, StopFlags, Throughput, TrainingError, UserError, check_writable, generator, memory_mb,
+                     optimizer_kwargs, param_table, remove_stale_temporaries, rng_state, run_main, set_rng_state)
+from utils import (add_run_flags, check_run_flags, finish, load_resume_checkpoint, make_loader, optimizer_steps,
+                   save_checkpoint, start_run)
 
 # Scratch architectures; the downsampling factor is 2 ** (levels - 1).
 VAE_PRESETS = {
@@ -43,35 +44,26 @@ VAE_PRESETS = {
 
 
 def parse_args(argv=None):
-    """Command line -> Namespace."""
-    p = argparse.ArgumentParser(description="Train or fine-tune an AutoencoderKL for the LDM.")
-    add_flag(p, "data_root", required=True)
-    add_flag(p, "output_dir", default="./vae", help="the diffusers VAE folder to write (plus training state)")
-    add_flag(p, "init", default=None, help="fine-tune this VAE (hub id or folder) instead of training from scratch")
-    add_flag(p, "preset", default="small", choices=list(VAE_PRESETS), help="scratch architecture")
-    add_flag(p, "block_out_channels", type=int, nargs="+", default=None)
-    add_flag(p, "layers_per_block", type=int, default=None)
-    add_flag(p, "norm_num_groups", type=int, default=None)
-    add_flag(p, "latent_channels", type=int, default=4)
-    add_flag(p, "image_size", type=int, default=256)
-    add_flag(p, "batch_size", type=int, default=8, help="per process")
-    add_flag(p, "num_epochs", type=int, default=20)
-    add_flag(p, "max_train_steps", type=int, default=None)
-    add_flag(p, "learning_rate", type=float, default=1e-4, aliases=["lr"])
-    add_flag(p, "lr_warmup_steps", type=int, default=0)
-    add_flag(p, "max_grad_norm", type=float, default=1.0)
-    add_flag(p, "recon_loss", default="l1", choices=["l1", "l2"])
-    add_flag(p, "kl_weight", type=float, default=1e-6)
-    add_flag(p, "scale_images", type=int, default=512, help="images used to estimate the latent scaling factor")
-    add_flag(p, "mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    add_flag(p, "random_flip", action="store_true")
-    add_flag(p, "num_workers", type=int, default=None)
-    add_flag(p, "save_every_steps", type=int, default=0, aliases=["ckpt_every", "save_every"])
-    add_flag(p, "log_every_steps", type=int, default=50)
-    add_flag(p, "resume", nargs="?", const="auto", default=None)
-    add_flag(p, "trust_checkpoint", action="store_true")
-    add_flag(p, "seed", type=int, default=42)
-    return p.parse_args(argv)
+    """Command line -> Namespace (the shared run flags of utils.add_run_flags plus the VAE's own)."""
+    p = FlagParser(description="Train or fine-tune an AutoencoderKL for the LDM.")
+    add_run_flags(p, output_dir="./vae", num_epochs=20, lr_warmup_steps=0)
+    p.add_argument("--init", default=None, help="fine-tune this VAE (hub id or folder) instead of training from scratch")
+    p.add_argument("--preset", default="small", choices=list(VAE_PRESETS), help="scratch architecture")
+    p.add_argument("--block_out_channels", type=int, nargs="+", default=None)
+    p.add_argument("--layers_per_block", type=int, default=None)
+    p.add_argument("--norm_num_groups", type=int, default=None)
+    p.add_argument("--latent_channels", type=int, default=4)
+    p.add_argument("--recon_loss", default="l1", choices=["l1", "l2"])
+    p.add_argument("--kl_weight", type=float, default=1e-6)
+    p.add_argument("--scale_images", type=int, default=512, help="images used to estimate the latent scaling factor")
+    args = p.parse_args(argv)
+    check_run_flags(args)
+    for ok, msg in [(args.kl_weight >= 0, "--kl_weight must be >= 0"),
+                    (args.latent_channels >= 1, "--latent_channels must be >= 1"),
+                    (args.scale_images >= 1, "--scale_images must be >= 1")]:
+        if not ok:
+            raise UserError(msg)
+    return args
 
 
 class VAETrainStep(nn.Module):
@@ -130,27 +122,9 @@ def export_vae(vae, out, scaling_factor):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def main(argv=None):
-    """Validate, train, export."""
-    args = parse_args(argv)
-    for ok, msg in [(args.batch_size >= 1, "--batch_size must be >= 1"), (args.num_epochs >= 1, "--num_epochs must be >= 1"),
-                    (args.learning_rate > 0, "--learning_rate must be > 0"), (args.kl_weight >= 0, "--kl_weight must be >= 0"),
-                    (args.latent_channels >= 1, "--latent_channels must be >= 1"),
-                    (args.scale_images >= 1, "--scale_images must be >= 1"),
-                    (args.save_every_steps >= 0, "--save_every_steps must be >= 0"),
-                    (args.log_every_steps >= 1, "--log_every_steps must be >= 1")]:
-        if not ok:
-            raise UserError(msg)
-    if args.image_size <= 0 or args.image_size % 8:
-        raise UserError(f"--image_size must be a positive multiple of 8, got {args.image_size}")
-    out = Path(args.output_dir).expanduser().resolve()
-    world_env = int(os.environ.get("WORLD_SIZE", "1"))
-    resume_ckpt = load_resume_checkpoint(args, out, "ldm_vae")
-    class_names, samples, channels = scan_class_folders(args.data_root)
-    if len(samples) < args.batch_size * world_env:
-        raise UserError(f"{len(samples)} images are fewer than one global batch ({args.batch_size} x {world_env}); "
-                        f"lower --batch_size")
-    seed_everything(args.seed)
+def build_vae(args, resume):
+    """The AutoencoderKL to train (--init or a preset), checked against the image size and a resume checkpoint."""
+    set_seed(args.seed)  # identical initial weights for a given seed (no resume involved: accelerate's)
     if args.init:
         vae, _ = load_vae(args.init)
         vae.requires_grad_(True).train()
@@ -166,46 +140,72 @@ def main(argv=None):
                             up_block_types=["UpDecoderBlock2D"] * n, latent_channels=args.latent_channels,
                             sample_size=args.image_size, **kw)
     check_image_size(args.image_size, vae_downsample_factor(vae))
-    if resume_ckpt is not None and resume_ckpt["vae_config"] != plain_config(vae.config):
+    if resume is not None and resume["vae_config"] != plain_config(vae.config):
         raise UserError("--resume: the checkpoint holds a VAE of another architecture; pass the same "
                         "--preset / size flags / --init as the first run")
-    check_writable(out)
+    return vae
 
-    from accelerate import Accelerator
-    precision = resolve_precision(args.mixed_precision)
-    setup_cuda_speedups()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
+
+def restore(ck, vae, optimizer, lr_scheduler, accelerator, steps_per_epoch):
+    """Load a resume checkpoint into the run -> (step, epoch, position_in_epoch)."""
+    if ck is None:
+        return 0, 0, 0
+    vae.load_state_dict(ck["vae"])
+    optimizer.load_state_dict(ck["optimizer"])
+    lr_scheduler.load_state_dict(ck["lr_scheduler"])
+    if accelerator.scaler is not None and ck.get("scaler"):
+        accelerator.scaler.load_state_dict(ck["scaler"])
+    if accelerator.num_processes == 1:
+        set_rng_state(ck["rng_state"])
+    step, epoch, pos = ck["step"], ck["epoch"], ck["position_in_epoch"]
+    return (step, epoch + 1, 0) if pos >= steps_per_epoch else (step, epoch, pos)  # older versions saved pos == end
+
+
+def log_step(log, writer, accelerator, step, total_steps, epoch, parts, n, lr, throughput):
+    """The periodic log line (losses averaged over ranks and steps) and its TensorBoard scalars."""
+    loss, recon, kl = (accelerator.reduce(parts, "mean") / max(n, 1)).tolist()
+    steps_s, images_s = throughput.rates()
+    log.info(f"step {step}/{total_steps} epoch {epoch} loss {loss:.5f} recon {recon:.5f} kl {kl:.2f} lr {lr:.2e} "
+             f"{steps_s:.2f} steps/s {images_s:.1f} img/s mem {memory_mb(accelerator.device):.0f} MiB")
+    if writer:
+        for name, v in (("loss", loss), ("recon", recon), ("kl", kl)):
+            writer.add_scalar(f"train/{name}", v, step)
+
+
+def main(argv=None):
+    """Check everything, build, resume, train (one optimizer step per iteration), export the VAE folder."""
+    args = parse_args(argv)
+    out = Path(args.output_dir).expanduser().resolve()
+    world_env = int(os.environ.get("WORLD_SIZE", "1"))
+    resume = load_resume_checkpoint(args, out, "ldm_vae")
+    class_names, samples, channels = scan_class_folders(args.data_root)
+    if len(samples) < args.batch_size * world_env:
+        raise UserError(f"{len(samples)} images are fewer than one global batch ({args.batch_size} x {world_env}); "
+                        f"lower --batch_size")
+    vae = build_vae(args, resume)
+    check_writable(out)
+    accelerator, log = start_run(args, out, "ldm_vae")
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    log = get_logger(out, accelerator.is_main_process, name="ldm_vae")
+    if accelerator.is_main_process:
+        remove_stale_temporaries(out)  # what a killed run left beside its checkpoint
     log.info(f"command: {' '.join(sys.argv)}")
-    log.info(f"world size {world} ({accelerator.distributed_type}), device {device}, precision {precision}")
     log.info(f"data: {len(samples)} images in {len(class_names)} classes, {channels} channel(s), {args.image_size}px; "
              f"VAE {'fine-tuned from ' + args.init if args.init else 'from scratch (' + args.preset + ')'}, "
              f"factor {vae_downsample_factor(vae)}, {vae.config.latent_channels} latent channels")
-    log.info("parameters:\n" + param_table([("VAE encoder", vae.encoder), ("VAE decoder", vae.decoder),
-                                            ("VAE (all)", vae)]))
-    seed_everything(args.seed * world + rank)
+    log.info("parameters:\n" + param_table({"VAE encoder": vae.encoder, "VAE decoder": vae.decoder, "VAE (all)": vae}))
+    set_seed(args.seed * world + rank)  # per-rank streams for anything not seeded per step
     ds = ImageDataset(samples, args.image_size, channels, args.seed, args.random_flip)
-    step_module = VAETrainStep(vae)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.learning_rate, weight_decay=0.0, **optimizer_kwargs())
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.learning_rate, weight_decay=0.0, **optimizer_kwargs(device))
     steps_per_epoch = EpochBatches.num_batches(len(ds), args.batch_size, world)
-    total_steps = args.num_epochs * steps_per_epoch
-    if args.max_train_steps:
-        total_steps = min(total_steps, args.max_train_steps)
+    total_steps = min(args.num_epochs * steps_per_epoch, args.max_train_steps or math.inf)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.lr_warmup_steps)
-    model, optimizer = accelerator.prepare(step_module, optimizer)
-    step, epoch, pos = 0, 0, 0
-    if resume_ckpt is not None:
-        vae.load_state_dict(resume_ckpt["vae"])
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        lr_scheduler.load_state_dict(resume_ckpt["lr_scheduler"])
-        if accelerator.scaler is not None and resume_ckpt.get("scaler"):
-            accelerator.scaler.load_state_dict(resume_ckpt["scaler"])
-        step, epoch, pos = resume_ckpt["step"], resume_ckpt["epoch"], resume_ckpt["position_in_epoch"]
-        if world == 1:
-            set_rng_state(resume_ckpt["rng_state"])
-        log.info(f"resumed: step {step}, epoch {epoch}, {pos} steps into the epoch")
-        del resume_ckpt
+    model, optimizer = accelerator.prepare(VAETrainStep(vae), optimizer)
+    step, epoch, pos = restore(resume, vae, optimizer, lr_scheduler, accelerator, steps_per_epoch)
+    last, saved, last_good = out / "checkpoint_last.pt", None, "none written yet"
+    if resume is not None:
+        src = last if args.resume == "auto" else args.resume
+        log.info(f"resumed from {src}: step {step}, epoch {epoch}, {pos} steps into the epoch")
+        saved, last_good, resume = step, f"{src} (step {step})", None
 
     def ckpt():
         return {"model_type": "ldm_vae", "format_version": 1, "vae_config": plain_config(vae.config),
@@ -214,82 +214,54 @@ def main(argv=None):
                 "step": step, "epoch": epoch, "position_in_epoch": pos, "rng_state": rng_state(),
                 "class_names": class_names, "config": vars(args)}
 
-    def save():
-        accelerator.wait_for_everyone()
-        ok, msg = 1.0, ""
-        if accelerator.is_main_process:
-            try:
-                atomic_torch_save(ckpt(), out / "checkpoint_last.pt")
-            except TrainingError as e:
-                ok, msg = 0.0, str(e)
-        if accelerator.reduce(torch.tensor([ok], device=device), "min").item() < 1:
-            raise TrainingError(msg or "cannot write checkpoint_last.pt (failed on the main process)")
-
     writer = None
     if accelerator.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(out / "tensorboard"))
-    workers = args.num_workers if args.num_workers is not None else (4 if torch.cuda.is_available() else 0)
-    sampler = EpochBatches(list(range(len(ds))), args.batch_size, world, rank, args.seed, epoch, start=pos)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers,
-                                         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
-    stop, nan_at = StopFlag(), fault_nan_step()
+    sampler = EpochBatches(list(range(len(ds))), args.batch_size, world, rank, args.seed, epoch)
+    loader = make_loader(ds, sampler, args.num_workers)
     log.info(f"training: {total_steps} steps ({steps_per_epoch} per epoch), global batch {args.batch_size * world}")
-    t_log, acc, n_acc = time.time(), torch.zeros(3, device=device), 0
+    f, lc = vae_downsample_factor(vae), vae.config.latent_channels
+    throughput, parts, n_logged, reason = Throughput(), torch.zeros(3, device=device), 0, None
     model.train()
-    while step < total_steps and epoch < args.num_epochs:
-        sampler.epoch, sampler.start = epoch, pos
-        for x, _, _ in loader:
+    with StopFlags(device=device) as stop:
+        for [(x, _, _)] in optimizer_steps(loader, sampler, epoch, pos, 1, steps_per_epoch, args.num_epochs,
+                                           total_steps - step):
             x = to_vae_input(x.to(device), 3)
-            gen = torch.Generator().manual_seed(derived_seed(args.seed, rank, step))
-            f = vae_downsample_factor(vae)
-            eps = torch.randn((x.shape[0], vae.config.latent_channels, x.shape[2] // f, x.shape[3] // f),
-                              generator=gen).to(device)
+            eps = torch.randn((x.shape[0], lc, x.shape[2] // f, x.shape[3] // f),
+                              generator=generator(args.seed, rank, step)).to(device)
             rec, mean, logvar = model(x, eps)
-            loss, r, kl = vae_loss(rec, x, mean, logvar, args.recon_loss, args.kl_weight)
-            if nan_at is not None and step + 1 == nan_at:
-                loss = loss * float("nan")  # testing hook, see utils.fault_nan_step
-            parts = accelerator.reduce(torch.stack([loss.detach(), r.detach(), kl.detach()]).float(), "sum") / world
-            if not torch.isfinite(parts[0]):
-                raise TrainingError(f"loss is {parts[0].item()} at step {step + 1} (epoch {epoch}); stopped before the "
-                                    f"optimizer step, checkpoint_last.pt is the last good state")
+            loss, recon, kl = vae_loss(rec, x, mean, logvar, args.recon_loss, args.kl_weight)
+            loss = stop.check_loss(loss, step + 1, last_good)  # NaN/inf on any rank: stop before backward
             accelerator.backward(loss)
             if args.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(vae.parameters(), args.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step, pos, n_acc = step + 1, pos + 1, n_acc + 1
-            acc += parts
+            step, pos, n_logged = step + 1, pos + 1, n_logged + 1
+            parts += torch.stack([loss.detach(), recon.detach(), kl.detach()]).float()
+            throughput.add(args.batch_size * world)
             if step % args.log_every_steps == 0 or step == total_steps:
-                dt = time.time() - t_log
-                a = (acc / n_acc).tolist()
-                log.info(f"step {step}/{total_steps} epoch {epoch} loss {a[0]:.5f} recon {a[1]:.5f} kl {a[2]:.2f} "
-                         f"lr {lr_scheduler.get_last_lr()[0]:.2e} {n_acc / dt:.2f} steps/s "
-                         f"{n_acc * args.batch_size * world / dt:.1f} img/s")
+                log_step(log, writer, accelerator, step, total_steps, epoch, parts, n_logged,
+                         lr_scheduler.get_last_lr()[0], throughput)
+                parts, n_logged = torch.zeros(3, device=device), 0
+            if pos == steps_per_epoch:
+                epoch, pos = epoch + 1, 0
                 if writer:
-                    writer.add_scalar("train/loss", a[0], step)
-                    writer.add_scalar("train/recon", a[1], step)
-                    writer.add_scalar("train/kl", a[2], step)
-                t_log, acc, n_acc = time.time(), torch.zeros(3, device=device), 0
-            stop_now = accelerator.reduce(torch.tensor([float(stop.requested)], device=device), "max").item() > 0
-            if stop_now or (args.save_every_steps and step % args.save_every_steps == 0):
-                save()
-            if stop_now:
-                log.info(f"SIGTERM received: saved checkpoint_last.pt at step {step}; exiting (rerun with --resume)")
-                return finish(accelerator, writer)
-            if step >= total_steps:
+                    log_recon(writer, vae, ds, device, step, accelerator)
+                accelerator.wait_for_everyone()
+            if pos == 0 or (args.ckpt_every_steps and step % args.ckpt_every_steps == 0):
+                save_checkpoint(accelerator, ckpt, last)
+                saved, last_good = step, f"{last} (step {step})"
+            reason = stop.should_stop(step)  # SIGTERM (any rank)
+            if reason:
                 break
-        if pos < steps_per_epoch:
-            break
-        epoch, pos = epoch + 1, 0
-        if writer:
-            log_recon(writer, vae, ds, device, step, accelerator)
-        accelerator.wait_for_everyone()
-        save()
-    if pos:
-        save()
-    if accelerator.is_main_process:
+    if saved != step:  # stopped mid-epoch (--max_train_steps, SIGTERM): the final state goes to disk
+        save_checkpoint(accelerator, ckpt, last)
+    if reason:
+        log.info(f"{reason} received: saved checkpoint_last.pt at step {step}; exiting (rerun with --resume)")
+    elif accelerator.is_main_process:
         vae.eval()
         with torch.no_grad(), accelerator.autocast():
             sf = estimate_scaling_factor(vae, ds, args.scale_images, args.seed, device)

@@ -1,88 +1,64 @@
-"""Shared plumbing for the LDM scripts: user errors, logging, safe checkpoint I/O, precision, seeds.
+"""What only the LDM scripts share: their flag vocabulary, LDM checkpoint loading, the accelerate run
+(start, rank-0 checkpoint writes, batches per optimizer step, teardown) and the EMA warm-up.
 
 Not run directly; `train.py`, `train_vae.py`, `inference.py` and `inference_per_class.py` import it.
+Everything every model folder needs (errors, flags, logging, checkpoint I/O, seeds, stop flags, EMA...)
+lives in the vendored `runtime.py`.
 """
-import logging
 import os
-import shutil
-import signal
-import sys
-import tempfile
-import warnings
-from pathlib import Path
 
-import numpy as np
 import torch
 
-NOT_PLAIN_MSG = ("{path} is not a plain checkpoint (it holds pickled Python objects, which can run code "
-                 "when loaded). If you trust this file, pass --trust_checkpoint to load it anyway.")
+from runtime import (EMA, TrainingError, UserError, add_resume_flag, atomic_save,  # noqa: F401
+                     finish_distributed, get_logger, load_checkpoint as _load_checkpoint, resolve_precision,
+                     resolve_resume, setup_cuda_speedups)
+
+# UserError is re-exported: dataset.py imports it from here.
 
 
-class UserError(Exception):
-    """A problem with the user's input: printed as one `error:` line, exit code 2, no traceback."""
+def add_run_flags(p, output_dir, num_epochs, lr_warmup_steps):
+    """The flags train.py and train_vae.py share (one vocabulary for every folder; old names are aliases)."""
+    p.add_argument("--data_root", required=True, aliases=["dataset_path", "data_path"],
+                   help="folder with one subfolder of images per class")
+    p.add_argument("--output_dir", default=output_dir, help="checkpoints, log.txt, tensorboard/")
+    p.add_argument("--image_size", type=int, default=256, help="pixels; multiple of 8 and of the VAE factor")
+    p.add_argument("--batch_size", type=int, default=8, aliases=["train_batch_size"], help="per process")
+    p.add_argument("--num_epochs", type=int, default=num_epochs, aliases=["epochs"])
+    p.add_argument("--max_train_steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--learning_rate", type=float, default=1e-4, aliases=["lr"])
+    p.add_argument("--lr_warmup_steps", type=int, default=lr_warmup_steps, help="steps")
+    p.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
+    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--random_flip", action="store_true", default=False, help="random horizontal flips")
+    p.add_argument("--no_random_flip", dest="random_flip", action="store_false", default=False,
+                   aliases=["no_flip", "no_hflip"], help="no flips (the default)")
+    p.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default 4 on GPU, 0 on CPU)")
+    p.add_argument("--ckpt_every_steps", type=int, default=0, aliases=["save_every_steps", "ckpt_every", "save_every"],
+                   help="also write checkpoint_last.pt every N steps (0: only at epoch ends)")
+    p.add_argument("--log_every_steps", type=int, default=50, aliases=["log_every"])
+    add_resume_flag(p)
+    p.add_argument("--trust_checkpoint", action="store_true", help="allow loading pickled checkpoints")
+    p.add_argument("--seed", type=int, default=42)
 
 
-class TrainingError(Exception):
-    """A run that must stop (NaN loss, cannot write): printed as one `error:` line, exit code 1."""
-
-
-def run_main(fn, argv=None):
-    """Call fn(argv); turn UserError / TrainingError into `error: ...` on stderr and an exit code."""
-    try:
-        return fn(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
-
-
-def add_flag(parser, name, **kw):
-    """Add `--name` accepting both `--a_b` and `--a-b` spellings."""
-    names = [f"--{name}"]
-    if "_" in name:
-        names.append(f"--{name.replace('_', '-')}")
-    for alias in kw.pop("aliases", ()):
-        names += [f"--{alias}", f"--{alias.replace('_', '-')}"] if "_" in alias else [f"--{alias}"]
-    return parser.add_argument(*names, dest=name, **kw)
-
-
-def get_logger(output_dir=None, is_main=True, name="ldm"):
-    """Logger to stdout and `output_dir/log.txt` on the main process; silent elsewhere."""
-    logger = logging.getLogger(name)
-    logger.handlers.clear()
-    logger.propagate = False
-    if not is_main:
-        logger.addHandler(logging.NullHandler())
-        logger.setLevel(logging.ERROR)
-        return logger
-    fmt = logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S")
-    h = logging.StreamHandler(sys.stdout)
-    h.setFormatter(fmt)
-    logger.addHandler(h)
-    if output_dir is not None:
-        fh = logging.FileHandler(Path(output_dir) / "log.txt")
-        fh.setFormatter(fmt)
-        logger.addHandler(fh)
-    logger.setLevel(logging.INFO)
-    return logger
+def check_run_flags(a):
+    """Range checks of the shared flags, naming the flag."""
+    for ok, msg in [(a.batch_size >= 1, "--batch_size must be >= 1"), (a.num_epochs >= 1, "--num_epochs must be >= 1"),
+                    (a.learning_rate > 0, "--learning_rate must be > 0"),
+                    (a.ckpt_every_steps >= 0, "--ckpt_every_steps must be >= 0"),
+                    (a.max_train_steps is None or a.max_train_steps >= 1, "--max_train_steps must be >= 1"),
+                    (a.log_every_steps >= 1, "--log_every_steps must be >= 1"),
+                    (a.lr_warmup_steps >= 0, "--lr_warmup_steps must be >= 0"),
+                    (a.num_workers is None or a.num_workers >= 0, "--num_workers must be >= 0")]:
+        if not ok:
+            raise UserError(msg)
+    if a.image_size <= 0 or a.image_size % 8:
+        raise UserError(f"--image_size must be a positive multiple of 8, got {a.image_size}")
 
 
 def load_checkpoint(path, trust=False, expect_type=None):
-    """torch.load a plain checkpoint dict (weights_only unless trusted) and check its model_type."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=not trust)
-    except Exception as e:  # weights_only refuses pickled objects; anything else means not a checkpoint
-        msg = str(e)
-        if not trust and ("Weights only load failed" in msg or "Unsupported global" in msg
-                          or "weights_only" in msg):
-            raise UserError(NOT_PLAIN_MSG.format(path=path)) from None
-        raise UserError(f"{path} is not a checkpoint torch can read ({type(e).__name__}: "
-                        f"{msg.splitlines()[0][:200] if msg else ''})") from None
+    """runtime.load_checkpoint (weights_only, the one pickle check), then this folder's model_type check."""
+    ckpt = _load_checkpoint(path, trust=trust)
     if not isinstance(ckpt, dict) or "model_type" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this repository (no 'model_type' key)")
     if expect_type is not None and ckpt["model_type"] != expect_type:
@@ -92,226 +68,85 @@ def load_checkpoint(path, trust=False, expect_type=None):
 
 
 def load_resume_checkpoint(args, out, expect_type):
-    """The checkpoint --resume names (auto: <output_dir>/checkpoint_last.pt), or None without --resume."""
-    if args.resume is None:
-        return None
-    rpath = out / "checkpoint_last.pt" if args.resume == "auto" else Path(args.resume)
-    if not rpath.is_file():
-        raise UserError(f"--resume: {rpath} does not exist (nothing to resume; drop --resume to start fresh)")
-    return load_checkpoint(rpath, trust=args.trust_checkpoint, expect_type=expect_type)
+    """The checkpoint --resume names (bare / auto: <output_dir>/checkpoint_last.pt), or None without --resume."""
+    path = resolve_resume(args.resume, out / "checkpoint_last.pt")
+    return None if path is None else load_checkpoint(path, trust=args.trust_checkpoint, expect_type=expect_type)
 
 
-def atomic_torch_save(obj, path):
-    """torch.save to a temp file in the same folder, then os.replace; a failed write -> TrainingError."""
-    path, tmp = Path(path), None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; use the user's usual permissions
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and not is_write_failure(e):
-            raise
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-        raise TrainingError(f"cannot write {path}: {write_failure_reason(e, path)}; the previous checkpoint "
-                            f"is intact") from None
+def start_run(args, out, name):
+    """Logger + Accelerator: the precision this device supports, a real gloo group on CPU -> (accelerator, log)."""
+    from accelerate import Accelerator
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    log = get_logger(out, int(os.environ.get("RANK", "0")), name=name)  # accelerate launch sets RANK
+    precision = resolve_precision(args.mixed_precision, device, log)
+    setup_cuda_speedups(device)
+    # cpu=True without CUDA: a plain Accelerator() under `accelerate launch --multi_gpu` on a CPU machine
+    # starts processes that each believe they are alone (see CONVENTIONS.md); with it, a real MULTI_CPU run.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
+    log.info(f"world size {accelerator.num_processes} ({accelerator.distributed_type}), device "
+             f"{accelerator.device}, precision {precision}"
+             + (f" (asked for {args.mixed_precision})" if precision != args.mixed_precision else ""))
+    return accelerator, log
 
 
-def is_write_failure(e):
-    """torch.save's zip writer reports a full disk as a RuntimeError ('inline_container' / 'PytorchStreamWriter')."""
-    return "inline_container" in str(e) or "PytorchStreamWriter" in str(e)
+def save_checkpoint(accelerator, make_ckpt, path):
+    """Rank 0 writes atomically; every rank learns whether it worked (so none hangs or carries on alone)."""
+    accelerator.wait_for_everyone()
+    ok, msg = 1.0, ""
+    if accelerator.is_main_process:
+        try:
+            atomic_save(make_ckpt(), path)
+        except TrainingError as e:
+            ok, msg = 0.0, str(e)
+    if accelerator.reduce(torch.tensor([ok], device=accelerator.device), "min").item() < 1:
+        raise TrainingError(msg or f"cannot write {path} (failed on the main process)")
 
 
-def write_failure_reason(e, path):
-    """strerror of an OSError; for torch's RuntimeError, the free space (its own text names no cause)."""
-    if isinstance(e, OSError):
-        return e.strerror or str(e)
-    try:
-        free = shutil.disk_usage(Path(path).parent).free
-    except OSError:
-        return "the write failed"
-    return f"the write failed (disk full? {free // 1024} KiB free)"
-
-
-def _umask():
-    """The process umask (read by setting and restoring it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def check_writable(folder):
-    """Create `folder` and prove we can write into it before any training starts."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write_probe", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to output folder {folder}: {e.strerror or e}") from None
-
-
-def resolve_precision(requested, logger=None):
-    """Map --mixed_precision to what this device can do: fp16 only on CUDA, bf16 only where supported."""
-    def warn(msg):
-        (logger.warning if logger else warnings.warn)(msg)
-
-    if requested == "no":
-        return "no"
+def make_loader(ds, sampler, num_workers):
+    """DataLoader over `sampler`'s batches; workers and pinned memory on a GPU."""
     cuda = torch.cuda.is_available()
-    if cuda:
-        if requested == "bf16" and not torch.cuda.is_bf16_supported():
-            warn("bf16 is not supported on this GPU; using fp16 with a grad scaler instead")
-            return "fp16"
-        return requested
-    # CPU: no fp16 autocast worth having (and no GradScaler); bf16 runs everywhere but is only fast
-    # with AVX-512 bf16, so an explicit bf16 is honoured and fp16 falls back to bf16 only if fast.
-    if requested == "fp16":
-        fast_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        if fast_bf16:
-            warn("fp16 is GPU-only; using bf16 on this CPU (it supports AVX-512 bf16)")
-            return "bf16"
-        warn("fp16 is GPU-only and this CPU has no fast bf16; training in fp32")
-        return "no"
-    return requested
+    workers = num_workers if num_workers is not None else (4 if cuda else 0)
+    return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers, pin_memory=cuda,
+                                       persistent_workers=workers > 0)
 
 
-def setup_cuda_speedups():
-    """TF32 matmuls/convolutions on Ampere+ GPUs (harmless elsewhere)."""
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+def optimizer_steps(loader, sampler, epoch, pos, accum, steps_per_epoch, num_epochs, max_steps):
+    """Yield the `accum` batches of each optimizer step from (epoch, pos) on, for at most `max_steps` steps.
+
+    The sampler restarts each epoch with (seed, epoch) and skips the `pos * accum` batches a resumed run
+    already took; the incomplete accumulation group at an epoch's end is left out."""
+    for ep in range(epoch, num_epochs):
+        sampler.epoch, sampler.start = ep, pos * accum
+        batches = iter(loader)
+        for _ in range(pos, steps_per_epoch):
+            if max_steps <= 0:
+                return
+            max_steps -= 1
+            yield [next(batches) for _ in range(accum)]
+        pos = 0
 
 
-def seed_everything(seed):
-    """Seed python, numpy and torch (CPU + CUDA)."""
-    import random
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+class WarmupEMA(EMA):
+    """runtime.EMA with the warm-up this folder has always used: decay min(decay, (1 + step) / (10 + step)).
 
+    Short runs (and fine-tunes) still get a useful EMA; from ~10 / (1 - decay) steps on it is a fixed decay."""
 
-def derived_seed(*parts):
-    """A 63-bit seed that is a pure function of the integer parts (seed, rank, step, ...)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def rng_state():
-    """RNG states of python, numpy and torch as plain values / tensors (weights_only-loadable)."""
-    import random
-    py = random.getstate()
-    np_state = np.random.get_state()
-    state = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-        "cuda": [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-    }
-    return state
-
-
-def set_rng_state(state):
-    """Restore what rng_state() returned."""
-    import random
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state.get("cuda"):
+    def update(self, model, step):
+        full, self.decay = self.decay, min(self.decay, (1 + step) / (10 + step))
         try:
-            torch.cuda.set_rng_state_all(state["cuda"])
-        except Exception:  # different GPU count than when saved: the per-step generators still match
-            pass
+            super().update(model, step)
+        finally:
+            self.decay = full
 
 
-class StopFlag:
-    """Set by SIGTERM (what schedulers send before killing a job); the loop checks it each step."""
+def finish(accelerator, writer=None):
+    """Close the writer, end accelerate's run, then leave through runtime.finish_distributed.
 
-    def __init__(self):
-        self.requested = False
-        try:
-            signal.signal(signal.SIGTERM, self._handler)
-        except ValueError:  # not the main thread (e.g. called from a test thread)
-            pass
-
-    def _handler(self, signum, frame):
-        self.requested = True
-
-
-def finish(accelerator, writer):
-    """End a training script: close logs; in multi-process runs tear down and os._exit(0) (gloo
-    sometimes aborts at exit otherwise)."""
+    end_training() finishes the trackers and destroys the process group; finish_distributed then still
+    leaves a multi-process launch with os._exit (the gloo exit trap, see runtime.py)."""
     if writer:
         writer.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if accelerator.num_processes > 1:
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    finish_distributed(0)
     return 0
-
-
-def fault_nan_step():
-    """Testing hook: DIFFUSION_FAULT_NAN_AT_STEP=N makes the training loss NaN at step N (1-based)."""
-    v = os.environ.get("DIFFUSION_FAULT_NAN_AT_STEP")
-    return int(v) if v else None
-
-
-def count_params(module):
-    """(total, trainable) parameter counts."""
-    total = sum(p.numel() for p in module.parameters())
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    return total, trainable
-
-
-def param_table(components):
-    """Text table of total / trainable / frozen parameters per component and overall."""
-    rows, tot, tr = [], 0, 0
-    for name, mod in components:
-        t, r = count_params(mod)
-        rows.append((name, t, r, t - r))
-        tot += t
-        tr += r
-    rows.append(("total", tot, tr, tot - tr))
-    lines = [f"{'component':<16}{'total':>14}{'trainable':>14}{'frozen':>14}"]
-    lines += [f"{n:<16}{t:>14,}{r:>14,}{f:>14,}" for n, t, r, f in rows]
-    return "\n".join(lines)
-
-
-def optimizer_kwargs():
-    """fused AdamW on CUDA (one kernel), foreach elsewhere (fewer Python loops on CPU)."""
-    return {"fused": True} if torch.cuda.is_available() else {"foreach": True}
-
-
-def save_png_exclusive(img, path):
-    """Write a PIL image to `path` only if it does not exist (tmp + os.link); False if it existed."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        img.save(tmp, format="PNG")
-        try:
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
-    except OSError as e:
-        raise TrainingError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass

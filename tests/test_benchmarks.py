@@ -5,13 +5,17 @@ Speed itself is never asserted (the machine is shared); only that every figure i
 import json
 import subprocess
 import sys
+import time
 
 from repo_helpers import REPO, script_env
 
 
 def run(args, timeout=300):
-    return subprocess.run([sys.executable, "benchmarks/run.py", *args], cwd=REPO, env=script_env(),
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "benchmarks/run.py", *args], cwd=REPO, env=script_env(),
                           capture_output=True, text=True, timeout=timeout)
+    proc.wall_s = time.perf_counter() - t0
+    return proc
 
 
 def test_small_run_writes_json_with_expected_keys(tmp_path):
@@ -31,8 +35,13 @@ def test_small_run_writes_json_with_expected_keys(tmp_path):
         assert len(r["times_s"]) == 1
     samplers = {(r["sampler"], r["steps"]) for r in res["ddpm"]["sampling"]}
     assert {("ddpm", 1000), ("ddim", 50)} <= samplers
-    for r in res["ddpm"]["sampling"]:  # images/s = batch / (steps * measured seconds per step)
-        assert abs(r["images_per_s"] * r["steps"] * r["seconds_per_step"] - r["batch"]) < 1e-6 * r["batch"]
+    for r in res["ddpm"]["sampling"]:
+        # The figures are measured, not made up: the raw timings fit in the run's own wall time, and the
+        # per-step figure is a median of them (within their range), scaled to the sampler's steps.
+        ts, k = r["times_s"], r["timed_steps"]
+        assert ts and all(t > 0 for t in ts) and sum(ts) < proc.wall_s
+        assert min(ts) / k <= r["seconds_per_step"] <= max(ts) / k
+        assert r["images_per_s"] > 0
     got = {t["target"] for t in res["targets"]}
     assert any("DDPM UNet fp32 training MFU" in t for t in got)
     assert all(set(t) >= {"value", "goal", "met"} for t in res["targets"])

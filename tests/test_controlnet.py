@@ -1,5 +1,6 @@
 """Tests of controlnet/: pairing, masks, augmentation, ControlNet init, scale-0 equivalence, training, resume,
-2-process accelerate, inference and bad inputs. Tiny random LDMs built here in the LDM checkpoint format.
+2-process accelerate, inference and bad inputs. Tiny random LDMs built here in the LDM checkpoint format, and
+one written by ldm/train.py itself for the LDM -> ControlNet contract.
 
     OMP_NUM_THREADS=1 python -m pytest tests/test_controlnet.py -q
 """
@@ -17,9 +18,11 @@ from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from PIL import Image
 
-from repo_helpers import REPO, free_port, load_folder, run_script, script_env
+from repo_helpers import REPO, free_port, install_fault_hooks, load_folder, run_script, script_env
 
-dataset, models, train, inference = load_folder("controlnet", "dataset", "models", "train", "inference")
+dataset, models, train, inference, runtime = load_folder("controlnet", "dataset", "models", "train", "inference",
+                                                         "runtime")
+install_fault_hooks(runtime)  # DIFFUSION_FAULT_NAN_AT_STEP for the in-process runs below
 
 NUM_CLASSES = 3
 
@@ -82,7 +85,7 @@ def run_train(args):
 
 def base_args(work, out, *extra):
     return ["--data_root", work["data"], "--ldm_checkpoint", work["ldm"], "--output_dir", out, "--batch_size", 4,
-            "--learning_rate", 1e-3, "--log_every", 1, "--sample_steps", 2, "--num_val_samples", 2, *extra]
+            "--learning_rate", 1e-3, "--log_every_steps", 1, "--sample_steps", 2, "--num_val_samples", 2, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +247,7 @@ def test_train_writes_best_last_and_resumes_bit_identical(work, trained, capsys)
     out = work["root"] / "run_resume"
     os.environ["DIFFUSION_FAULT_NAN_AT_STEP"] = "8"
     try:
-        expect_error(capsys, run_train, base_args(work, out, "--num_epochs", 3, "--save_every_steps", 3),
+        expect_error(capsys, run_train, base_args(work, out, "--num_epochs", 3, "--ckpt_every_steps", 3),
                      r"loss is nan at step 8", code=1)
     finally:
         del os.environ["DIFFUSION_FAULT_NAN_AT_STEP"]
@@ -266,7 +269,7 @@ def test_train_writes_best_last_and_resumes_bit_identical(work, trained, capsys)
 def test_class_labels_unfrozen_unet_bf16_compile_train(work, capsys):
     out = work["root"] / "run_classes"
     run_train(base_args(work, out, "--num_epochs", 1, "--class_labels_csv", work["root"] / "labels.csv",
-                        "--no_freeze_unet", "--sample_steps", 0, "--mixed_precision", "bf16", "--max_steps", 2,
+                        "--no_freeze_unet", "--sample_steps", 0, "--mixed_precision", "bf16", "--max_train_steps", 2,
                         "--compile", "--compile_backend", "eager"))
     ck = load(out / "checkpoint_last.pt")
     assert ck["global_step"] == 2 and not any(k.startswith(("module.", "_orig_mod.")) for k in ck["controlnet"])
@@ -438,7 +441,7 @@ def test_bad_inputs_give_one_line_errors(work, trained, tmp_path, capsys):
     expect_error(capsys, train.main, ["--data_root", d, *tr, "--batch_size", 0], r"--batch_size is out of range")
     (tmp_path / "notes.pt").write_text("just text")
     expect_error(capsys, train.main, ["--data_root", d, "--ldm_checkpoint", tmp_path / "notes.pt", "--output_dir", out],
-                 r"--ldm_checkpoint .*notes\.pt is not a checkpoint file")
+                 r"--ldm_checkpoint .*notes\.pt is not a checkpoint")
     (tmp_path / "bad.csv").write_text("0,digit_9\n")
     expect_error(capsys, train.main, ["--data_root", d, *tr, "--class_labels_csv", tmp_path / "bad.csv"],
                  r"unknown class 'digit_9'; the LDM's classes are: digit_0, digit_1, digit_2")
@@ -462,3 +465,107 @@ def test_bad_inputs_give_one_line_errors(work, trained, tmp_path, capsys):
     expect_error(capsys, inference.main, [*inf, "--mask", work["data"] / "masks" / "000.png",
                                           "--controlnet_scale", -1], r"--controlnet_scale is out of range")
     assert not out.exists()
+
+
+# -------------------------------------------------------------------------------------------------- flags
+def test_flag_vocabulary_and_old_aliases():
+    req = ["--data-root", "d", "--ldm-checkpoint", "l"]
+    new = train.parse_args(req + ["--num_epochs", "3", "--batch_size", "2", "--learning_rate", "0.5",
+                                  "--ckpt_every_steps", "7", "--ckpt_every_epochs", "2", "--log_every_steps", "4",
+                                  "--max_train_steps", "9", "--max_minutes", "1.5", "--no_random_flip",
+                                  "--resume"])
+    old = train.parse_args(["--dataset_path", "d", "--ldm_checkpoint", "l", "--epochs", "3", "--train_batch_size",
+                            "2", "--lr", "0.5", "--save-every-steps", "7", "--val_every", "2", "--log-every", "4",
+                            "--max_steps", "9", "--time_limit_minutes", "1.5", "--no-flip", "--resume", "auto"])
+    assert vars(new) == vars(old)
+    assert (new.data_root, new.num_epochs, new.batch_size, new.ckpt_every_steps, new.random_flip,
+            new.resume) == ("d", 3, 2, 7, False, "auto")
+    d = train.parse_args(req)
+    assert d.random_flip and d.freeze_unet and d.mixed_precision == "no" and d.resume is None
+    assert not train.parse_args(req + ["--no_hflip"]).random_flip
+    assert not train.parse_args(req + ["--train-unet"]).freeze_unet
+    assert train.parse_args(req + ["--data_path", "e"]).data_root == "e"
+    assert train.parse_args(req + ["--resume", "x.pt"]).resume == "x.pt"
+
+
+# ------------------------------------------------------------------- the LDM -> ControlNet checkpoint contract
+@pytest.fixture(scope="module")
+def real_ldm(work):
+    """An LDM checkpoint written by ldm/train.py itself (2 steps on the digit images as 3 class folders)."""
+    root = work["root"]
+    for i in range(24):
+        dst = root / "ldm_classes" / f"digit_{i % NUM_CLASSES}" / f"{i:03d}.png"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes((work["data"] / "images" / f"{i:03d}.png").read_bytes())
+    out = root / "ldm_run"
+    run_script("ldm", ["train.py", "--data_root", str(root / "ldm_classes"), "--output_dir", str(out),
+                       "--vae", str(root / "vae_f4_s0"), "--image_size", "32", "--batch_size", "4",
+                       "--num_epochs", "1", "--max_train_steps", "2", "--val_split", "0",
+                       "--sample_every_epochs", "0", "--log_every_steps", "1", "--seed", "0",
+                       "--unet_preset", "tiny", "--block_out_channels", "16", "32", "--norm_num_groups", "8",
+                       "--cross_attention_dim", "16", "--attention_head_dim", "2"], timeout=600)
+    path = out / "checkpoint_last.pt"
+    assert path.is_file(), sorted(p.name for p in out.iterdir())
+    return path
+
+
+def test_controlnet_trains_and_samples_on_an_ldm_written_by_ldm_train(work, real_ldm, tmp_path):
+    ck = load(real_ldm)
+    assert models.validate_ldm_checkpoint(ck, real_ldm) is ck
+    ldm = models.load_ldm(real_ldm)
+    assert ldm.class_names == [f"digit_{i}" for i in range(NUM_CLASSES)] and ldm.num_classes == NUM_CLASSES
+    assert (ldm.image_size, ldm.image_channels, ldm.vae_factor, ldm.latent_size) == (32, 1, 4, 8)
+    assert ldm.scaling_factor == ck["vae_scaling_factor"]
+    assert all(torch.equal(v, ck["ema_unet"][k]) for k, v in ldm.unet.state_dict().items())  # EMA preferred
+    out = tmp_path / "cn"
+    run_train(["--data_root", work["data"], "--ldm_checkpoint", real_ldm, "--output_dir", out, "--batch_size", 4,
+               "--num_epochs", 1, "--max_train_steps", 2, "--sample_steps", 0, "--val_fraction", 0,
+               "--class_labels_csv", work["root"] / "labels.csv"])
+    cn = load(out / "checkpoint_last.pt")
+    assert cn["global_step"] == 2 and cn["ldm_fingerprint"] == ldm.fingerprint and cn["class_names"] == ldm.class_names
+    gen = inference.main(["--checkpoint", str(out / "checkpoint_last.pt"), "--ldm_checkpoint", str(real_ldm),
+                          "--mask", str(work["data"] / "masks" / "002.png"), "--class_label", "digit_2",
+                          "--num_inference_steps", "2", "--output_dir", str(tmp_path / "gen")])
+    img = Image.open(gen / "002_digit_2_seed42.png")
+    assert img.mode == "L" and img.size == (32, 32)
+
+
+REQUIRED = [k for k, (required, _, _) in models.LDM_CONTRACT.items() if required]
+WRONG = {
+    "model_type": "dit", "format_version": 2, "unet_config": "UNet2DConditionModel", "unet": {"conv_in.weight": 1.0},
+    "ema_unet": "weights", "class_embedder": {"weight": torch.zeros(4, 16)}, "ema_class_embedder": 5,
+    "num_classes": "3", "class_names": "digit_0", "vae": 3, "vae_scaling_factor": -1.0, "image_size": 32.0,
+    "image_channels": 2, "noise_scheduler_config": {"num_train_timesteps": 1000},
+}
+CONTRACT_CASES = ([(k, "missing") for k in REQUIRED] + [(k, "wrong") for k in WRONG]
+                  + [("class_names", "count"), ("class_embedder", "rows")])
+
+
+@pytest.mark.parametrize("key,how", CONTRACT_CASES, ids=[f"{k}-{h}" for k, h in CONTRACT_CASES])
+def test_each_missing_or_wrong_ldm_key_gives_one_line_error(work, real_ldm, tmp_path, capsys, key, how):
+    ck = load(real_ldm)
+    if how == "missing":
+        del ck[key]
+    elif how == "wrong":
+        ck[key] = WRONG[key]
+    elif how == "count":
+        ck["class_names"] = ck["class_names"][:-1]
+    else:
+        ck["class_embedder"] = {"embedding.weight": torch.zeros(NUM_CLASSES, 16)}
+    path = tmp_path / "broken_ldm.pt"
+    torch.save(ck, path)
+    out = tmp_path / "out"
+    err = expect_error(capsys, run_train, ["--data_root", work["data"], "--ldm_checkpoint", path, "--output_dir", out,
+                                           "--batch_size", 4], "--ldm_checkpoint", re.escape(str(path)), f"'{key}'")
+    assert len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+    with pytest.raises(models.UserError) as e:
+        models.validate_ldm_checkpoint(ck, path)
+    assert str(e.value) == err.strip()[len("error: "):]
+
+
+def test_optional_ldm_keys_may_be_absent_or_none(real_ldm):
+    ck = load(real_ldm)
+    ck["ema_unet"] = None
+    del ck["ema_class_embedder"]
+    models.validate_ldm_checkpoint(ck, real_ldm)

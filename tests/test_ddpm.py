@@ -15,10 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from repo_helpers import assert_same_updates, free_port, load_folder, run_script, script_env, sgd_updates
+from repo_helpers import (BOOT, assert_same_updates, free_port, install_fault_hooks, load_folder, run_script,
+                          script_env, sgd_updates)
 
-models, dataset, train, inference, ddpm_uncond, ddpm_cond, modules, utils = load_folder(
-    "ddpm", "models", "dataset", "train", "inference", "ddpm", "ddpm_conditional", "modules", "utils")
+models, dataset, train, inference, ddpm_uncond, ddpm_cond, modules, utils, runtime = load_folder(
+    "ddpm", "models", "dataset", "train", "inference", "ddpm", "ddpm_conditional", "modules", "utils", "runtime")
+install_fault_hooks(runtime)  # DIFFUSION_FAULT_*_AT_STEP for the in-process runs below (tests/faults/fault_hooks.py)
 
 TINY = ["--base-channels", "8", "--time-dim", "16", "--noise-steps", "20", "--log-every", "1"]
 TINY_KW = dict(base_channels=8, time_dim=16, noise_steps=20, log_every=1, device="cpu")
@@ -95,7 +97,7 @@ def test_channels_last_matches_default_layout():
 def test_spec_default_conditional_architecture_matches_default_training_config():
     # UNet_conditional(num_classes=10, img_size=64) must load what the default conditional training builds.
     spec = modules.UNet_conditional(num_classes=10, img_size=64)
-    cfg = dict(train.DEFAULTS, channels=3)
+    cfg = dict(train.BASE_SETTINGS, channels=3)
     built = models.rebuild_model(train.model_config(cfg, 3, 10))
     a, b = spec.state_dict(), built.state_dict()
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
@@ -219,6 +221,30 @@ def test_flips_are_a_function_of_seed_epoch_index():
     assert torch.equal(dataset.flip_mask(idx[5:9], 1, 0), a[5:9])
 
 
+# ------------------------------------------------------------------ flags
+def test_flag_vocabulary_aliases_and_launch_names():
+    """Today's names, their other spelling and the old DDPM / spec names set the same setting."""
+    parse = train.build_parser().parse_args
+    for new, old, value in (("--data_root", "--dataset-path", "d"), ("--num_epochs", "--epochs", "3"),
+                            ("--batch_size", "--train_batch_size", "5"), ("--learning_rate", "--lr", "0.5"),
+                            ("--ckpt_every_steps", "--save-every-steps", "7"), ("--ckpt_every_steps", "--ckpt-every", "7"),
+                            ("--ckpt_every_epochs", "--save-every-epochs", "2"),
+                            ("--sample_every_epochs", "--sample-every", "4"), ("--log_every_steps", "--log-every", "9")):
+        dest = new[2:]
+        for spelling in (new, new.replace("_", "-"), old):
+            assert str(getattr(parse([spelling, value]), dest)) == value, spelling
+    assert parse(["--random-flip"]).random_flip is True and parse(["--no_random_flip"]).random_flip is False
+    assert parse([]).random_flip is None and parse([]).resume is None
+    assert parse(["--resume"]).resume == "auto" and parse(["--resume", "x/train_state.pt"]).resume == "x/train_state.pt"
+    # launch() sets args.epochs / args.dataset_path / args.lr; a command-line flag (today's name) wins
+    args = train.default_args()
+    args.epochs, args.dataset_path, args.lr = 500, "/data", 1e-3
+    given = train.given_settings(args)
+    assert (given["num_epochs"], given["data_root"], given["learning_rate"]) == (500, "/data", 1e-3)
+    args.num_epochs = 7
+    assert train.given_settings(args)["num_epochs"] == 7 and "epochs" not in train.given_settings(args)
+
+
 # ------------------------------------------------------------------ training entry points
 def tiny_launch_kw(data, work, **extra):
     return dict(dataset_path=str(data), work_dir=str(work), image_size=16, epochs=1, batch_size=4,
@@ -314,7 +340,7 @@ def test_resume_after_kill_and_sigterm_is_bit_identical(gray_data, tmp_path, cap
     train.main(resume_args(gray_data, tmp_path / "ref"))  # uninterrupted: 3 epochs x 4 steps
     ref = final_state(tmp_path / "ref")
     # SIGKILL right after step 5 (last checkpoint: step 4, mid-epoch 1), then resume.
-    proc = run_script("ddpm", ["train.py", *resume_args(gray_data, tmp_path / "kill")], check=False,
+    proc = run_script("ddpm", [str(BOOT), "train.py", *resume_args(gray_data, tmp_path / "kill")], check=False,
                       env=script_env(DIFFUSION_FAULT_KILL_AT_STEP=5))
     assert proc.returncode == -9
     assert torch.load(tmp_path / "kill/models/DDPM_conditional/train_state.pt", weights_only=True)["step"] == 4
@@ -330,6 +356,21 @@ def test_resume_after_kill_and_sigterm_is_bit_identical(gray_data, tmp_path, cap
     assert "SIGTERM received: checkpoint written at step 7" in capsys.readouterr().out
     train.main(resume_args(gray_data, tmp_path / "term") + ["--resume"])
     assert_same_state(final_state(tmp_path / "term"), ref)
+
+
+def test_max_train_steps_and_resume_from_a_path(gray_data, tmp_path, capsys):
+    """--max_train_steps ends the run mid-epoch with a checkpoint; --resume PATH continues from that file."""
+    train.main(resume_args(gray_data, tmp_path / "a") + ["--max_train_steps", "3"])
+    state = torch.load(tmp_path / "a/models/DDPM_conditional/train_state.pt", weights_only=True)
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (3, 0, 3)
+    assert "training finished: 3 steps" in capsys.readouterr().out
+    src = tmp_path / "kept.pt"
+    src.write_bytes((tmp_path / "a/models/DDPM_conditional/train_state.pt").read_bytes())
+    train.main(resume_args(gray_data, tmp_path / "a") + ["--max_train_steps", "6", "--resume", str(src)])
+    assert f"resumed {src} at step 3 (epoch 0, batch 3 of 4)" in capsys.readouterr().out
+    assert torch.load(tmp_path / "a/models/DDPM_conditional/train_state.pt", weights_only=True)["step"] == 6
+    msg = run_main_expect(train.main, resume_args(gray_data, tmp_path / "b") + ["--resume"], capsys)
+    assert "--resume:" in msg and "train_state.pt does not exist" in msg
 
 
 def test_compile_trains_like_eager(gray_data, tmp_path):

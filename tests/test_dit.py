@@ -14,13 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-from repo_helpers import REPO, assert_same_updates, free_port, load_folder, run_script, sgd_updates
+from repo_helpers import (REPO, assert_same_updates, free_port, install_fault_hooks, load_folder, run_script,
+                          sgd_updates)
 
-models, diffusion_pkg, gd, dataset, train, inference, utils, sample, sample_ddp = load_folder(
+models, diffusion_pkg, gd, dataset, train, inference, utils, sample, sample_ddp, runtime = load_folder(
     "dit", "models", "diffusion", "diffusion.gaussian_diffusion", "dataset", "train", "inference",
-    "utils", "sample", "sample_ddp")
+    "utils", "sample", "sample_ddp", "runtime")
+install_fault_hooks(runtime)  # DIFFUSION_FAULT_*_AT_STEP for in-process runs (tests/faults/fault_hooks.py)
 create_diffusion = diffusion_pkg.create_diffusion
-UserError = utils.UserError
+UserError = runtime.UserError
+assert utils.UserError is UserError  # dataset.py raises it through utils
 SHAPES_JSON = Path("/work/shared/spec/dit_xl2_state_dict_shapes.json")
 if not SHAPES_JSON.exists():
     SHAPES_JSON = REPO / "shared" / "spec" / "dit_xl2_state_dict_shapes.json"
@@ -105,6 +108,7 @@ def test_label_dropout_uses_null_class():
 
 @pytest.mark.parametrize("guide_all", [False, True])
 def test_forward_with_cfg_guides_official_channels(guide_all):
+    torch.manual_seed(0)
     m = randomise(tiny_dit()).eval()
     x = torch.randn(2, 4, 4, 4)
     x = torch.cat([x, x])
@@ -117,8 +121,12 @@ def test_forward_with_cfg_guides_official_channels(guide_all):
     torch.testing.assert_close(out[:2, :k], guided)
     torch.testing.assert_close(out[2:, :k], guided)
     torch.testing.assert_close(out[:, k:], raw[:, k:])  # the rest (and the variance) unguided
-    if not guide_all:
-        assert not torch.allclose(out[:2, 3], guided[:, 3] if guided.shape[1] > 3 else raw[:2, 3] * 0 + 1e9)
+    # Channel 3 under the CFG formula differs from its raw output, so the checks above tell a guided
+    # channel 3 from an unguided one: guide_all=False must leave it raw, guide_all=True must guide it.
+    cfg3 = raw[2:, 3] + 4.0 * (raw[:2, 3] - raw[2:, 3])
+    assert (cfg3 - raw[:2, 3]).abs().max() > 1e-2
+    assert torch.allclose(out[:2, 3], cfg3) == guide_all
+    assert torch.allclose(out[:2, 3], raw[:2, 3]) != guide_all
 
 
 # ----------------------------------------------------------------------------- diffusion
@@ -199,7 +207,7 @@ def test_bf16_loss_matches_fp32():
     x0, t, y = torch.randn(4, 4, 4, 4), torch.tensor([1, 100, 500, 999]), torch.tensor([0, 1, 2, 0])
     noise = torch.randn_like(x0)
     ref = d.training_losses(m, x0, t, {"y": y}, noise=noise)["loss"]
-    with utils.autocast("bf16", torch.device("cpu")):
+    with runtime.autocast("bf16", torch.device("cpu")):
         low = d.training_losses(m, x0, t, {"y": y}, noise=noise)["loss"]
     assert torch.isfinite(low).all()
     torch.testing.assert_close(low.float(), ref, rtol=5e-2, atol=2e-2)
@@ -244,10 +252,10 @@ def work(tmp_path_factory):
 
 
 def train_argv(work, results, *extra):
-    return ["--model", "DiT-Ti/2", "--data-path", str(work / "data"), "--results-dir", str(results),
+    return ["--model", "DiT-Ti/2", "--data_root", str(work / "data"), "--results-dir", str(results),
             "--image-size", "16", "--num-classes", "3", "--global-batch-size", "4",
-            "--epochs", "2", "--vae", str(work / "vae"), "--num-workers", "0",
-            "--log-every", "1", "--ckpt-every", "2", "--grid-every", "0", *extra]
+            "--num_epochs", "2", "--vae", str(work / "vae"), "--num-workers", "0",
+            "--log_every_steps", "1", "--ckpt_every_steps", "2", "--sample_every_steps", "0", *extra]
 
 
 def train_args(work, results, *extra):
@@ -267,6 +275,63 @@ def assert_same_state(a, b):
         for n in sa:
             assert torch.equal(sa[n], sb[n])
     assert a["step"] == b["step"]
+
+
+def test_flag_vocabulary_and_old_aliases(work, tmp_path):
+    """The repository's flag names, the spec's / old DiT names and both spellings give the same settings."""
+    new = train.parse_args(["--data_root", "d", "--num_epochs", "3", "--learning_rate", "0.5", "--seed", "7",
+                            "--log_every_steps", "2", "--ckpt_every_steps", "4", "--sample_every_steps", "6",
+                            "--no_random_flip", "--resume"])
+    for old in (["--data-path", "d", "--epochs", "3", "--lr", "0.5", "--global-seed", "7", "--log-every", "2",
+                 "--ckpt-every", "4", "--grid-every", "6", "--no-flip", "--resume", "auto"],
+                ["--dataset_path", "d", "--num-epochs", "3", "--learning-rate", "0.5", "--global_seed", "7",
+                 "--log-every-steps", "2", "--ckpt_every", "4", "--sample-every-steps", "6", "--no_hflip",
+                 "--resume=auto"]):
+        assert vars(train.parse_args(old)) == vars(new)
+    assert new.resume == "auto" and new.random_flip is False and new.data_root == "d"
+    default = train.parse_args(["--data-path", "d"])
+    assert default.random_flip is True and default.resume is None and default.num_epochs == 1400
+    assert train.parse_args(["--data-path", "d", "--random_flip"]).random_flip is True
+    assert sample_ddp.parse_args(["--global-seed", "5"]).seed == 5 == sample_ddp.parse_args(["--seed", "5"]).seed
+
+
+def test_ema_is_the_official_dit_rule():
+    """runtime.EMA(start=0): a copy at step 0, then ema = d * ema + (1 - d) * w from the first step on.
+
+    Against the official update (mul_ then add_): equal up to fp32 rounding (lerp rounds differently)."""
+    torch.manual_seed(0)
+    m = tiny_dit()
+    ema = runtime.EMA(m, 0.9, start=0)
+    ref = {k: v.clone().double() for k, v in m.state_dict().items()}
+    assert all(torch.equal(ema.model.state_dict()[k], v) for k, v in m.state_dict().items())
+    official = {k: v.clone() for k, v in m.state_dict().items()}
+    for step in range(1, 6):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(m, step)
+        for k, w in m.state_dict().items():
+            ref[k] = 0.9 * ref[k] + 0.1 * w.double()
+            official[k].mul_(0.9).add_(w, alpha=0.1)
+            torch.testing.assert_close(ema.model.state_dict()[k].double(), ref[k], rtol=0, atol=1e-5)
+            torch.testing.assert_close(ema.model.state_dict()[k], official[k], rtol=0, atol=1e-5)
+    assert not torch.allclose(ema.model.state_dict()["y_embedder.embedding_table.weight"],
+                              m.state_dict()["y_embedder.embedding_table.weight"])  # decayed, not copied
+
+
+def test_sigterm_and_time_limit_checkpoint_and_return(work, tmp_path, monkeypatch):
+    """SIGTERM during step 3 (the harness's hook) or the --max_minutes limit: checkpoint that step, exit 0."""
+    monkeypatch.setenv("DIFFUSION_FAULT_SIGTERM_AT_STEP", "3")
+    train.main(train_args(work, tmp_path / "a", "--ckpt_every_steps", "100"))
+    run = tmp_path / "a" / "000-DiT-Ti-2"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["0000003.pt"]
+    assert load(run / "checkpoints" / "0000003.pt")["step"] == 3
+    assert "SIGTERM: saved step 3" in (run / "log.txt").read_text()
+    monkeypatch.delenv("DIFFUSION_FAULT_SIGTERM_AT_STEP")
+    train.main(train_args(work, tmp_path / "b", "--ckpt_every_steps", "100", "--max_minutes", "1e-6"))
+    run = tmp_path / "b" / "000-DiT-Ti-2"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["0000001.pt"]
+    assert "time limit: saved step 1" in (run / "log.txt").read_text()
 
 
 def test_dataset_conversions(work):
@@ -309,7 +374,8 @@ def test_compile_trains_like_eager(work, tmp_path):
     Compared with SGD in place of AdamW, as in tests/test_ddpm.py (see repo_helpers.assert_same_updates).
     """
     # No label dropout: torch.rand inside a compiled graph draws from inductor's own generator.
-    flags = ["--max-train-steps", "4", "--class-dropout-prob", "0", "--lr", "0.05"]
+    # fp32 on every CPU: the default `auto` picks bf16 where the CPU has it, fp32 elsewhere.
+    flags = ["--max-train-steps", "4", "--class-dropout-prob", "0", "--lr", "0.05", "--mixed_precision", "no"]
     rec = {}
     # The control: the same start and data with twice the step size must be caught.
     for name, extra in (("eager", []), ("compiled", ["--compile"]), ("other_lr", ["--lr", "0.1"])):
@@ -329,9 +395,9 @@ def test_nan_loss_stops_before_optimizer_step(work, tmp_path, monkeypatch, capsy
     train.main(train_args(work, tmp_path, "--max-train-steps", "2"))
     ckpt = tmp_path / "000-DiT-Ti-2" / "checkpoints" / "0000002.pt"
     before = ckpt.read_bytes()
-    monkeypatch.setenv("DIFFUSION_FAULT_NAN_AT_STEP", "4")
+    monkeypatch.setenv("DIFFUSION_FAULT_NAN_AT_STEP", "4")  # the harness's hook (installed above)
     with pytest.raises(SystemExit) as e:
-        train.main(train_args(work, tmp_path, "--resume", "auto", "--ckpt-every", "1"))
+        runtime.run_main(train.main, train_args(work, tmp_path, "--resume", "auto", "--ckpt-every", "1"))
     assert e.value.code == 1
     assert "error: loss is nan at step 4" in capsys.readouterr().err
     assert ckpt.read_bytes() == before
@@ -343,10 +409,10 @@ def test_cached_latents_same_loss_and_invalidation(work, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(work / "data", data)
     args = train_args(work, tmp_path / "res", "--cache-latents")
-    args.data_path = str(data)
+    args.data_root = str(data)
     vae, info = utils.load_vae(args.vae, torch.device("cpu"))
     ds = dataset.ImageFolderDataset(data, 16, 1)
-    log = utils.create_logger(None, 0)
+    log = runtime.get_logger(None, 0, "dit")
     cache = train.build_latent_cache(ds, vae, info, args, 0, 1, torch.device("cpu"), log)
     cached_ds = dataset.CachedLatentDataset(cache, [lab for _, lab in ds.samples])
     d = create_diffusion("")
@@ -377,6 +443,7 @@ def test_cached_latents_same_loss_and_invalidation(work, tmp_path, capsys):
 
 
 def test_torchrun_two_processes_and_resume(work, tmp_path):
+    # The spec's / the old flag names (aliases of --data_root, --num_epochs, --*_every_steps).
     common = ["--model", "DiT-Ti/2", "--data-path", str(work / "data"), "--image-size", "16",
               "--num-classes", "3", "--global-batch-size", "4", "--epochs", "1", "--vae", str(work / "vae"),
               "--num-workers", "0", "--log-every", "1", "--ckpt-every", "2", "--grid-every", "0"]
@@ -447,11 +514,11 @@ def test_pickled_checkpoint_refused(tiny_ckpt, tmp_path):
     path = tmp_path / "official.pt"
     torch.save(official, path)
     with pytest.raises(UserError, match="not a plain checkpoint.*--trust_checkpoint"):
-        utils.load_checkpoint(path)
-    assert utils.load_checkpoint(path, trust=True)["args"]["num_classes"] == 3
+        runtime.load_checkpoint(path)
+    assert runtime.load_checkpoint(path, trust=True)["args"]["num_classes"] == 3
     proc = run_script("dit", ["sample.py", "--ckpt", str(path), "--output-dir", str(tmp_path / "s")], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == f"error: {utils.trust_message(path)}"
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {runtime.trust_message(path)}"
     assert not (tmp_path / "s").exists()
     # Trusted, it samples (EMA weights, sizes from the weights); so does a bare official-style state dict.
     raw = tmp_path / "raw.pt"
@@ -490,7 +557,7 @@ def test_train_bad_input(work, tmp_path, tiny_ckpt):
     shutil.copytree(work / "data", bad)
     (bad / "class_1" / "broken.png").write_text("not an image")
     args = train_args(work, tmp_path / "res")
-    args.data_path = str(bad)
+    args.data_root = str(bad)
     with pytest.raises(UserError, match="broken.png is not a readable image"):
         train.main(args)
     (bad / "class_1" / "broken.png").unlink()

@@ -182,8 +182,8 @@ def test_loader_16bit_uppercase_gray_alpha(tmp_path):
     assert len(np.unique(rgb)) == 256  # the whole range is kept (PIL's convert would clip to 255 here)
     clipped = np.asarray(Image.open(tmp_path / "sub" / "ramp.PNG").convert("RGB"))
     assert len(np.unique(clipped)) < 20  # the trap avoided: PIL clips 16-bit values at 255
-    full = images.load_rgb(tmp_path / "sub" / "ramp.PNG", scaling="full")
-    assert full.max() == round(65520 / 65535 * 255)
+    # one rule, no per-image min-max: 16-bit values / 65535 (see tests/test_decoder.py)
+    assert (rgb[..., 0] == np.round(ramp / 65535 * 255)).all()
     gray = images.load_rgb(tmp_path / "gray.png")
     assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
     assert (gray[..., 0] == np.arange(100).reshape(10, 10)).all()
@@ -318,42 +318,65 @@ def test_cli_feature_extractor_classifier_cache_and_constants(tmp_path, weights,
     assert "Real Data: real (10 images)" in out.stdout and "Gen Data:  gen (9 images)" in out.stdout
 
 
-def test_cli_bad_inputs(tmp_path, weights, capsys):
-    real = make_class_folders(tmp_path / "real", {"bright": 4, "dark": 4}, seed=0)
-    flat = tmp_path / "flat"
-    write_png(flat / "a.png", np.zeros((8, 8), np.uint8))
-    (tmp_path / "empty").mkdir()
-    medium = make_class_folders(tmp_path / "medium_gen", {"medium": 4}, seed=4)
-    bad = make_class_folders(tmp_path / "bad", {"bright": 2}, seed=3)
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, weights):
+    """The folders and files the bad-input cases point at, made once."""
+    d = tmp_path_factory.mktemp("bad_inputs")
+    real = make_class_folders(d / "real", {"bright": 4, "dark": 4}, seed=0)
+    write_png(d / "flat" / "a.png", np.zeros((8, 8), np.uint8))
+    (d / "empty").mkdir()
+    make_class_folders(d / "medium_gen", {"medium": 4}, seed=4)
+    bad = make_class_folders(d / "bad", {"bright": 2}, seed=3)
     (bad / "bright" / "broken.png").write_text("this is text, not a PNG")
-    np.savez(tmp_path / "nothing.npz", foo=np.zeros(3))
-    ext = ["--feature_extractor", str(weights / "tiny_features.pt"), "--num_workers", "0", "--no_cache",
-           "--json", str(tmp_path / "x.json")]
-    # one case as a real process: exit code 2, one line on stderr, no traceback, nothing written
-    proc = run_script("evaluation", ["precision_recall.py", "--real", str(real), "--gen", str(bad), *ext],
-                      check=False)
+    np.savez(d / "nothing.npz", foo=np.zeros(3))
+    return {"d": d, "real": real, "features": str(weights / "tiny_features.pt"),
+            "classifier": str(weights / "brightness.pt"), "inception": str(weights / "inception.pth")}
+
+
+def _ext(b, tmp_path):
+    return ["--feature_extractor", b["features"], "--num_workers", "0", "--no_cache", "--json", str(tmp_path / "x.json")]
+
+
+# (id, flags built from the fixture's paths, what the one error line must say)
+BAD_CLI_CASES = [
+    ("empty-gen", lambda b, d: ["--real", b["real"], "--gen", d / "empty"], "holds no images"),
+    ("unknown-metric", lambda b, d: ["--real", b["real"], "--gen", b["real"], "--metrics", "fid,sharpness"],
+     "--metrics: unknown sharpness"),
+    ("npz-without-stats", lambda b, d: ["--real", d / "nothing.npz", "--gen", b["real"]], "holds none of mu+sigma"),
+    ("classifier-flat-gen", lambda b, d: ["--real", b["real"], "--gen", d / "flat", "--classifier", b["classifier"]],
+     "--classifier needs class subfolders"),
+    ("batch-size-0", lambda b, d: ["--real", b["real"], "--gen", b["real"], "--batch_size", "0"],
+     "--batch_size must be at least 1"),
+    ("unknown-gen-class", lambda b, d: ["--real", b["real"], "--gen", d / "medium_gen", "--classifier",
+                                        b["classifier"]],
+     "medium of --gen are not among the classifier's classes: bright, dark"),
+    ("missing-real", lambda b, d: ["--real", d / "missing", "--gen", b["real"]], "REAL_IMAGES_DIR"),
+    ("missing-inception-weights", lambda b, d: ["--real", b["real"], "--gen", b["real"], "--inception_weights",
+                                                d / "nope.pth"], "--inception_weights"),
+    ("unwritable-stats", lambda b, d: ["--real", b["real"], "--gen", b["real"], "--save_stats",
+                                       d / "no_dir" / "s.npz"], "not writable"),
+]
+
+
+def test_cli_bad_input_as_a_process(bad_inputs, tmp_path):
+    """One case as a real process: exit code 2, one line on stderr, no traceback, nothing written."""
+    b = bad_inputs
+    proc = run_script("evaluation", ["precision_recall.py", "--real", str(b["real"]), "--gen", str(b["d"] / "bad"),
+                                     *_ext(b, tmp_path)], check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "broken.png" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "x.json").exists()
-    cases = [
-        (["--real", str(real), "--gen", str(tmp_path / "empty")], "holds no images"),
-        (["--real", str(real), "--gen", str(real), "--metrics", "fid,sharpness"], "--metrics: unknown sharpness"),
-        (["--real", str(tmp_path / "nothing.npz"), "--gen", str(real)], "holds none of mu+sigma"),
-        (["--real", str(real), "--gen", str(flat), "--classifier", str(weights / "brightness.pt")],
-         "--classifier needs class subfolders"),
-        (["--real", str(real), "--gen", str(real), "--batch_size", "0"], "--batch_size must be at least 1"),
-        (["--real", str(real), "--gen", str(medium), "--classifier", str(weights / "brightness.pt")],
-         "medium of --gen are not among the classifier's classes: bright, dark"),
-        (["--real", str(tmp_path / "missing"), "--gen", str(real)], "REAL_IMAGES_DIR"),
-        (["--real", str(real), "--gen", str(real), "--inception_weights", str(tmp_path / "nope.pth")],
-         "--inception_weights"),
-        (["--real", str(real), "--gen", str(real), "--save_stats", str(tmp_path / "no_dir" / "s.npz")],
-         "not writable"),
-    ]
-    for extra, message in cases:
-        code, _, err = run_main(capsys, [*extra, *ext])
-        assert code == 2, (extra, err)
-        assert err.startswith("error: ") and message in err, (message, err)
-        assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("make_args,message", [c[1:] for c in BAD_CLI_CASES], ids=[c[0] for c in BAD_CLI_CASES])
+def test_cli_bad_input(bad_inputs, tmp_path, capsys, make_args, message):
+    code, _, err = run_main(capsys, [str(x) for x in make_args(bad_inputs, bad_inputs["d"])] + _ext(bad_inputs, tmp_path))
+    assert code == 2, err
+    assert err.startswith("error: ") and message in err, (message, err)
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_cli_npz_statistics_limits(bad_inputs, tmp_path, capsys):
+    real, ext = bad_inputs["real"], _ext(bad_inputs, tmp_path)
     # an .npz with only mu/sigma: FID works; explicitly asked precision is refused with a reason
     np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     code, _, err = run_main(capsys, ["--real", str(tmp_path / "stats.npz"), "--gen", str(real), "--metrics",

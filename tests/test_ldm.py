@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from repo_helpers import assert_same_updates, free_port, load_folder, run_script, script_env, sgd_updates
+from repo_helpers import BOOT, REPO, assert_same_updates, free_port, load_folder, run_script, script_env, sgd_updates
 
-train, inference, inference_per_class, models, dataset, utils = load_folder(
-    "ldm", "train", "inference", "inference_per_class", "models", "dataset", "utils")
+train, train_vae, inference, inference_per_class, models, dataset, utils, runtime = load_folder(
+    "ldm", "train", "train_vae", "inference", "inference_per_class", "models", "dataset", "utils", "runtime")
 
 TINY_UNET = ["--unet_preset", "tiny", "--block_out_channels", "16", "32", "--norm_num_groups", "8",
              "--cross_attention_dim", "16", "--attention_head_dim", "2"]
@@ -80,7 +80,7 @@ def load(path):
 def user_error(capsys, fn, argv):
     """Run fn via run_main; return the stderr line of the expected exit code 2."""
     with pytest.raises(SystemExit) as e:
-        utils.run_main(fn, argv)
+        runtime.run_main(fn, argv)
     err = capsys.readouterr().err
     assert e.value.code == 2, err
     assert err.startswith("error: ") and "Traceback" not in err
@@ -105,7 +105,7 @@ def test_shapes_and_vae_factor(tiny_vae):
     assert mean.shape == std.shape == (2, 4, 8, 8)
     imgs = models.decode_to_images(vae, torch.randn(2, 4, 8, 8), 0.18215, 1)
     assert imgs.shape == (2, 1, 16, 16) and imgs.min() >= 0 and imgs.max() <= 1
-    with pytest.raises(utils.UserError, match="divisible by 2"):
+    with pytest.raises(runtime.UserError, match="divisible by 2"):
         models.build_unet(6, 4, **models.unet_kwargs("small"))  # 3 levels need latents divisible by 4
 
 
@@ -428,7 +428,56 @@ def test_bad_checkpoints_and_class_label(tmp_path, trained, capsys):
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, data, tiny_vae):
     out = tmp_path / "nan"
-    proc = run_script("ldm", ["train.py"] + base_flags(data, tiny_vae, out) + ["--save_every_steps", "1"],
+    proc = run_script("ldm", [str(BOOT), "train.py"] + base_flags(data, tiny_vae, out) + ["--save_every_steps", "1"],
                       check=False, env=script_env(DIFFUSION_FAULT_NAN_AT_STEP="2"))
     assert proc.returncode == 1 and "error: loss is nan at step 2" in proc.stderr
     assert load(out / "checkpoint_last.pt")["step"] == 1
+
+
+def test_sigterm_saves_checkpoint_and_exits_0(tmp_path, data, tiny_vae):
+    """SIGTERM during step 2 (harness hook, tests/faults/fault_hooks.py): checkpoint of step 2, exit 0."""
+    out = tmp_path / "term"
+    proc = run_script("ldm", [str(BOOT), "train.py"] + base_flags(data, tiny_vae, out) + ["--sample_every_epochs", "0"],
+                      check=False, env=script_env(DIFFUSION_FAULT_SIGTERM_AT_STEP="2"))
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"SIGTERM received: saved checkpoint_last.pt at step 2\b", proc.stdout)
+    last = load(out / "checkpoint_last.pt")
+    assert last["step"] == 2 and last["epoch"] == 0 and last["position_in_epoch"] == 2
+
+
+def test_one_flag_vocabulary_and_no_fault_code():
+    """New names, both spellings and the old names as aliases; no fault-injection code in the folder."""
+    new = train.parse_args(["--data-root", "d", "--num-epochs", "3", "--batch-size", "2", "--learning-rate", "0.5",
+                            "--ckpt-every-steps", "7", "--log-every-steps", "4", "--random-flip", "--resume"])
+    old = train.parse_args(["--dataset_path", "d", "--epochs", "3", "--train_batch_size", "2", "--lr", "0.5",
+                            "--save_every_steps", "7", "--log-every", "4", "--random_flip", "--resume", "auto"])
+    assert vars(new) == vars(old)
+    assert (new.data_root, new.num_epochs, new.batch_size, new.learning_rate, new.ckpt_every_steps,
+            new.log_every_steps, new.random_flip, new.resume) == ("d", 3, 2, 0.5, 7, 4, True, "auto")
+    for alias in ("--ckpt-every", "--save-every", "--save_every_steps"):
+        assert train.parse_args(["--data_path", "d", alias, "5"]).ckpt_every_steps == 5
+    for flag in ("--no_random_flip", "--no-flip", "--no_hflip"):
+        assert train.parse_args(["--data_root", "d", "--random_flip", flag]).random_flip is False
+    assert train.parse_args(["--data_root", "d"]).random_flip is False  # the folder's default
+    assert train.parse_args(["--data_root", "d", "--resume", "x.pt"]).resume == "x.pt"
+    vae = train_vae.parse_args(["--dataset-path", "d", "--epochs", "2", "--save-every-steps", "3", "--no-flip"])
+    assert (vae.data_root, vae.num_epochs, vae.ckpt_every_steps, vae.random_flip) == ("d", 2, 3, False)
+    hits = [f"{p.name}:{i}" for p in (REPO / "ldm").rglob("*") if p.is_file() and p.suffix in (".py", ".sh", ".md")
+            and p.name != "runtime.py" for i, ln in enumerate(p.read_text().splitlines(), 1)
+            if re.search(r"(?<!DE)FAULT", ln)]  # DEFAULT_VAE is not a fault hook
+    assert not hits, hits
+
+
+def test_warmup_ema_rule():
+    """The folder's EMA rule on top of runtime.EMA: decay min(decay, (1 + step) / (10 + step))."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = utils.WarmupEMA(model, decay=0.5)
+    w0 = ema.model.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, 0)  # decay min(0.5, 1/10) = 0.1
+    assert torch.allclose(ema.model.weight, 0.1 * w0 + 0.9 * model.weight) and ema.decay == 0.5
+    before = ema.model.weight.clone()
+    ema.update(model, 1000)  # decay 0.5
+    assert torch.allclose(ema.model.weight, 0.5 * before + 0.5 * model.weight)

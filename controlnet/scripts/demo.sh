@@ -37,8 +37,10 @@ for name in chosen:
     shutil.copy(data / "pairs" / "masks" / name, masks / name)
 PY
 
-# --resume: a rerun into the same OUT continues (or finds the run finished) instead of refusing.
-# --no_hflip: mirrored digits are not digits. --time_limit_minutes bounds the stage on slow machines.
+# --resume when the run exists: a rerun into the same OUT continues it (or finds it finished).
+# --no_random_flip: mirrored digits are not digits. --max_minutes bounds the stage on slow machines.
+RESUME=()
+if [ -f "$OUT/checkpoints/checkpoint_last.pt" ]; then RESUME=(--resume); fi
 python train.py \
     --data_root "$DATA/pairs" \
     --images_folder images \
@@ -48,17 +50,18 @@ python train.py \
     --output_dir "$OUT/checkpoints" \
     --batch_size 32 \
     --num_epochs 100 \
-    --max_steps ${CONTROLNET_DEMO_STEPS:-400} \
-    --time_limit_minutes 2 \
+    --max_train_steps ${CONTROLNET_DEMO_STEPS:-400} \
+    --max_minutes 2 \
     --learning_rate 3e-4 \
     --mask_channels 1 \
-    --no_hflip \
+    --no_random_flip \
     --val_fraction 0.05 \
-    --val_every 5 \
+    --ckpt_every_epochs 5 \
+    --sample_every_epochs 5 \
     --sample_steps 20 \
-    --log_every 50 \
+    --log_every_steps 50 \
     --seed 0 \
-    --resume
+    ${RESUME[@]+"${RESUME[@]}"}
 
 python inference.py \
     --checkpoint "$OUT/checkpoints/checkpoint_best.pt" \

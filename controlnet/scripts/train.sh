@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 DATA="${1:-/path/to/data}"
 LDM="${2:-../ldm/ldm_checkpoints/checkpoint_best.pt}"
 LAUNCH=(python)
+RESUME=()  # continue the run in ./controlnet_checkpoints if there is one
+if [ -f ./controlnet_checkpoints/checkpoint_last.pt ]; then RESUME=(--resume); fi
 if [ "${NUM_GPUS:-1}" -gt 1 ]; then
   LAUNCH=(accelerate launch --multi_gpu --num_processes "$NUM_GPUS")
 fi
@@ -22,5 +24,5 @@ fi
     --freeze_unet \
     --mask_channels 1 \
     --mixed_precision fp16 \
-    --save_every_steps 1000 \
-    --resume
+    --ckpt_every_steps 1000 \
+    ${RESUME[@]+"${RESUME[@]}"}

@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 
 python train.py \
-    --dataset-path "$DATA/digits" \
+    --data-root "$DATA/digits" \
     --work-dir "$OUT" \
     --run-name demo \
     --image-size 32 \
@@ -26,14 +26,14 @@ python train.py \
     --time-dim 128 \
     --schedule cosine \
     --batch-size 32 \
-    --lr 1e-3 \
+    --learning-rate 1e-3 \
     --warmup-steps 50 \
     --ema-decay 0.99 \
     --ema-start 200 \
-    --epochs 1000 \
+    --num-epochs 1000 \
     --max-minutes "$MINUTES" \
-    --sample-every 0 \
-    --log-every 50
+    --sample-every-epochs 0 \
+    --log-every-steps 50
 
 python inference.py \
     --ckpt "$OUT/models/demo/ckpt.pt" \

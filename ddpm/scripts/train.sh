@@ -10,13 +10,13 @@ cd "$(dirname "$0")/.."
 NGPU=$(python -c "import torch; print(max(1, torch.cuda.device_count()))")
 torchrun --nnodes=1 --nproc_per_node="$NGPU" ddpm_conditional_ddp.py \
     --mode train_ddp \
-    --dataset-path "$DATA" \
+    --data-root "$DATA" \
     --run-name DDPM_conditional \
     --image-size 64 \
     --batch-size 8 \
-    --epochs 300 \
-    --lr 3e-4 \
+    --num-epochs 300 \
+    --learning-rate 3e-4 \
     --mixed-precision no \
-    --save-every-steps 1000 \
-    --sample-every 10 \
+    --ckpt-every-steps 1000 \
+    --sample-every-epochs 10 \
     "$@"

@@ -22,11 +22,12 @@ STEPS="${DIT_DEMO_STEPS:-2400}"  # DiT-Ti/2 draws blurred blobs at 800 steps and
 IMAGE_SIZE="$(python -c "import json,sys; from PIL import Image; import glob
 f=sorted(glob.glob(sys.argv[1]+'/digits/digit_0/*'))[0]; print(Image.open(f).size[0])" "$DATA")"
 
-# --no-flip: a mirrored digit is not a digit.
-python train.py --model DiT-Ti/2 --data-path "$DATA/digits" --results-dir "$OUT/results" \
-    --image-size "$IMAGE_SIZE" --num-classes 10 --global-batch-size 32 --epochs 1000 \
-    --max-train-steps "$STEPS" --vae "$VAE" --lr 1e-3 --ema-decay 0.99 --num-workers 0 \
-    --log-every 100 --ckpt-every "$STEPS" --grid-every 0 --cache-latents --no-flip --resume auto
+# --no_random_flip: a mirrored digit is not a digit.
+python train.py --model DiT-Ti/2 --data_root "$DATA/digits" --results_dir "$OUT/results" \
+    --image_size "$IMAGE_SIZE" --num_classes 10 --global_batch_size 32 --num_epochs 1000 \
+    --max_train_steps "$STEPS" --vae "$VAE" --learning_rate 1e-3 --ema_decay 0.99 --num_workers 0 \
+    --log_every_steps 100 --ckpt_every_steps "$STEPS" --sample_every_steps 0 --cache_latents \
+    --no_random_flip --resume
 
 CKPT="$(ls "$OUT"/results/*-DiT-Ti-2/checkpoints/*.pt | sort | tail -n 1)"
 python sample.py --ckpt "$CKPT" --num-samples 100 --batch-size 50 --cfg-scale 3.0 \

@@ -14,7 +14,7 @@ python train.py \
     --cfg_dropout 0.1 \
     --mixed_precision fp16 \
     --val_split 0.1 \
-    --save_every_steps 1000 \
+    --ckpt_every_steps 1000 \
     --cache_latents
 # Multi-GPU (all GPUs of this machine):
 #   accelerate launch --multi_gpu train.py --data_root /path/to/data --batch_size 8 --num_epochs 200 --mixed_precision fp16

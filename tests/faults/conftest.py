@@ -32,36 +32,39 @@ def ref_job(T, a, work):
 
 
 def chain_job(T, a, work):
-    """fresh run -SIGTERM-> resume -random SIGKILL-> resume -SIGKILL inside a checkpoint write-> resume to the end."""
+    """fresh run -SIGTERM-> resume -random SIGKILL-> resume -SIGKILL inside a checkpoint write-> resume to the end.
+
+    Each stage records what happened (exit codes, logs, checkpoint steps and hashes); the tests in
+    test_faults_training.py assert on those records. A stage runs only while the run folder still holds
+    a checkpoint to resume; one that could not run says why in its "skipped" field."""
     out, logs, rng = work / f"{T.name}_chain", work / "logs", fl.rng_for(f"{T.name}.chain")
     st = {}
 
     def stage(name, fn):
-        if any(not v["ok"] for v in st.values()):
-            st[name] = {"ok": False, "msg": "not run: an earlier stage of the chain failed"}
+        blocked = [k for k, v in st.items() if v.get("skipped") or v.get("error")]
+        if blocked:
+            st[name] = {"skipped": f"not run: the earlier stage {blocked[0]} could not complete"}
             return
         try:
-            st[name] = {"ok": True, "msg": "", **(fn() or {})}
-        except AssertionError as e:
-            st[name] = {"ok": False, "msg": str(e)}
-        except Exception:  # noqa: BLE001
-            st[name] = {"ok": False, "msg": traceback.format_exc()}
+            st[name] = fn()
+        except Exception:  # noqa: BLE001 - recorded; the test names it
+            st[name] = {"error": traceback.format_exc()}
+
+    def ckpt_step():
+        path = T.ckpt(out)
+        return fl.load(path)[T.step_key] if path is not None and path.exists() else None
 
     def sigterm():
         p = fl.Proc(T.folder, T.args(a, out), logs, f"{T.name}_chain1_sigterm")
         fl.wait_until(lambda: T.signature(out), p, "the first checkpoint")
         delay = rng.uniform(0.0, 0.3)
         time.sleep(delay)
-        assert p.alive(), f"the run ended before SIGTERM was sent (delay {delay:.3f}s)\n{p.tail()}"
-        p.kill(signal.SIGTERM)
+        alive = p.alive()
+        if alive:
+            p.kill(signal.SIGTERM)
         code = p.wait()
-        assert code == 0, f"after SIGTERM the run exited {code}, expected 0 (checkpoint and clean exit)\n{p.tail()}"
-        assert "Traceback" not in p.stderr, p.tail()
-        n = fl.sigterm_step(p.stdout)
-        assert n is not None, f"no log line saying SIGTERM was handled at step N\n{p.tail()}"
-        step = fl.load(T.ckpt(out))[T.step_key]
-        assert step == n, f"SIGTERM logged step {n} but the last checkpoint holds step {step}"
-        return {"info": f"SIGTERM {delay:.3f}s after the first checkpoint -> checkpoint at step {n}, exit 0"}
+        return {"delay": delay, "alive": alive, "code": code, "stderr": p.stderr, "tail": p.tail(),
+                "logged_step": fl.sigterm_step(p.stdout), "ckpt_step": ckpt_step()}
 
     def sigkill():
         sig0 = T.signature(out)
@@ -69,11 +72,11 @@ def chain_job(T, a, work):
         fl.wait_until(lambda: T.signature(out) != sig0, p, "a checkpoint of the resumed run")
         delay = rng.uniform(0.0, 0.3)
         time.sleep(delay)
-        assert p.alive(), f"the run ended before SIGKILL was sent (delay {delay:.3f}s)\n{p.tail()}"
-        p.kill()
-        assert p.wait() == -signal.SIGKILL
-        step = fl.load(T.ckpt(out))[T.step_key]
-        return {"info": f"SIGKILL {delay:.3f}s after the resumed run's first checkpoint; last checkpoint step {step}"}
+        alive = p.alive()
+        if alive:
+            p.kill()
+        code = p.wait()
+        return {"delay": delay, "alive": alive, "code": code, "tail": p.tail(), "ckpt_step": ckpt_step()}
 
     def kill_in_save():
         path = T.ckpt(out)
@@ -82,16 +85,13 @@ def chain_job(T, a, work):
                     env={"FAULT_KILL_IN_SAVE": T.save_match}, boot=True)
         code = p.wait()
         m = re.search(r"FAULT-HOOK: SIGKILL while writing (\S+)", p.stderr)
-        assert code == -signal.SIGKILL and m, f"the kill inside a checkpoint write did not happen (exit {code})\n{p.tail()}"
-        partial = Path(m.group(1))
-        assert T.ckpt(out) == path, f"the latest checkpoint is now {T.ckpt(out)}, not the previous {path}"
-        assert fl.sha(path) == before, f"{path} changed although its replacement was killed half-written"
-        assert fl.load(path)[T.step_key] == step  # still loadable
-        return {"info": f"killed while writing {partial.name} (half of it on disk); {path.name} (step {step}) intact"}
+        return {"code": code, "partial": m and m.group(1), "tail": p.tail(), "path": str(path),
+                "latest": str(T.ckpt(out)), "sha_before": before, "sha_after": fl.sha(path), "step": step,
+                "step_after": fl.load(path)[T.step_key]}
 
     def final():
-        fl.run(T.folder, T.args(a, out) + T.resume, logs, f"{T.name}_chain4_final")
-        return {"final": str(T.ckpt(out))}
+        p = fl.run(T.folder, T.args(a, out) + T.resume, logs, f"{T.name}_chain4_final", expect=None)
+        return {"code": p.p.returncode, "tail": p.tail(), "final": str(T.ckpt(out))}
 
     stage("sigterm", sigterm)
     stage("sigkill", sigkill)
@@ -117,40 +117,32 @@ def ckpt_listing(T, out):
 
 
 def disk_job(T, a, work, ref):
-    """Resume the finished reference on a nearly full disk (tiny tmpfs, 48 KB free): the next checkpoint fails."""
+    """Resume the finished reference on a nearly full disk (tiny tmpfs, 48 KB free): the next checkpoint fails.
+
+    Returns what happened (exit code, stderr, the checkpoint's hash before and after); the test asserts.
+    Without permission to mount a tmpfs the job says so and the test is skipped with that reason: an
+    unwritable folder is another fault (chmod does not stop root), not a full disk."""
     mnt = work / f"{T.name}_disk"
     size = sum(p.stat().st_size for p in ref["out"].rglob("*") if p.is_file()) if T.name != "dit" else \
         T.ckpt(ref["out"]).stat().st_size
     with fl.tiny_disk(mnt, size + (3 << 20)) as kind:
-        chmod = None
         if kind is None:
-            if os.geteuid() == 0:
-                pytest.skip("mount -t tmpfs is not permitted here and chmod does not stop root: no full-disk test")
-            kind = "read-only folder (chmod, not root)"
+            return {"skip": "full disk not tested: `mount -t tmpfs` was refused on this machine (it needs root "
+                            "or CAP_SYS_ADMIN), so no small file system could be filled"}
         dst = mnt / "out"
         path = copy_run(T, ref["out"], dst)
-        if kind == "tmpfs":
-            fl.fill_disk(mnt, 48 << 10)
-        else:
-            chmod = path.parent
-            os.chmod(chmod, 0o555)
+        fl.fill_disk(mnt, 48 << 10)
         before = fl.sha(path)
+        p = fl.run(T.folder, T.args(a, dst, T.epochs + 1) + T.resume, work / "logs", f"{T.name}_disk",
+                   expect=None)
+        after = fl.sha(path)
         try:
-            p = fl.run(T.folder, T.args(a, dst, T.epochs + 1) + T.resume, work / "logs", f"{T.name}_disk",
-                       expect=None)
-        finally:
-            if chmod:
-                os.chmod(chmod, 0o755)
-        code = p.p.returncode
-        assert code != 0, f"a full disk went unnoticed (exit 0)\n{p.tail()}"
-        assert "Traceback" not in p.stderr, f"traceback instead of a clear message on a full disk\n{p.tail()}"
-        lines = [ln for ln in fl.error_lines(p.stderr)
-                 if re.search(r"cannot write|no space left|not writable|read-only", ln, re.I)]
-        assert lines, f"no `error: cannot write ...` line on a full disk\n{p.tail()}"
-        assert "inline_container" not in lines[0], f"torch's internal text instead of a reason: {lines[0]}"
-        assert fl.sha(path) == before, f"{path} changed on a full disk"
-        fl.load(path)
-        return {"kind": kind, "code": code, "line": lines[0]}
+            fl.load(path)
+            loadable = True
+        except Exception:  # noqa: BLE001
+            loadable = False
+        return {"kind": kind, "code": p.p.returncode, "stderr": p.stderr, "tail": p.tail(), "path": str(path),
+                "sha_before": before, "sha_after": after, "loadable": loadable}
 
 
 # ------------------------------------------------------------------ sampling jobs
@@ -164,11 +156,14 @@ def snapshot(out):
 
 
 def describe_outputs(out):
-    """PNG hashes (each must decode), other visible files, and leftover hidden files."""
-    files = {}
+    """PNG hashes, the PNGs that do not decode, other visible files, and leftover hidden files."""
+    files, broken = {}, []
     for f in pngs(out):
-        with Image.open(out / f) as im:
-            im.load()
+        try:
+            with Image.open(out / f) as im:
+                im.load()
+        except Exception:  # noqa: BLE001 - recorded; the tests assert there is none
+            broken.append(f)
         files[f] = fl.sha(out / f)
     other = {}
     for f in fl.visible_files(out):
@@ -177,34 +172,34 @@ def describe_outputs(out):
                 other[f] = {k: fl.hashlib.sha256(z[k].tobytes()).hexdigest() for k in z.files}
         elif not f.endswith(".png"):
             other[f] = (out / f).read_text(errors="replace")
-    return {"files": files, "other": other, "hidden": fl.hidden_files(out)}
+    return {"files": files, "broken": broken, "other": other, "hidden": fl.hidden_files(out)}
 
 
 def sample_kill_job(S, a, work):
+    """Kill sampling after its first image, rerun the same command; record what was there and what changed."""
     out, rng = work / f"{S.name}_killed", fl.rng_for(f"{S.name}.kill")
     p = fl.Proc(S.folder, S.make_args(a, out), work / "logs", f"{S.name}_killed")
     fl.wait_until(lambda: len(pngs(out)) >= 1, p, "the first image")
     delay = rng.uniform(0.0, 0.05)
     time.sleep(delay)
-    assert p.alive(), f"sampling ended before it could be killed\n{p.tail()}"
-    p.kill()
+    alive = p.alive()
+    if alive:
+        p.kill()
     p.wait()
     present = snapshot(out)
-    assert 0 < len(present) < S.count, f"{len(present)} of {S.count} images after the kill"
-    rerun = fl.run(S.folder, S.make_args(a, out), work / "logs", f"{S.name}_rerun")
+    rerun = fl.run(S.folder, S.make_args(a, out), work / "logs", f"{S.name}_rerun", expect=None)
     after = snapshot(out)
-    kept = {f: after.get(f) == v for f, v in present.items()}
-    assert all(kept.values()), f"the rerun rewrote images that were already there: " \
-                               f"{[f for f, k in kept.items() if not k][:5]}"
-    return {"present": len(present), "delay": delay, **describe_outputs(out), "log": rerun.stdout[-1500:]}
+    return {"alive": alive, "present": len(present), "delay": delay, "rerun_code": rerun.p.returncode,
+            "rewritten": [f for f, v in present.items() if after.get(f) != v], **describe_outputs(out),
+            "log": rerun.tail()}
 
 
 def sample_concurrent_job(S, a, work):
+    """Two runs of the same command started at once into one folder."""
     out = work / f"{S.name}_concurrent"
     procs = [fl.Proc(S.folder, S.make_args(a, out), work / "logs", f"{S.name}_concurrent{i}") for i in (1, 2)]
     codes = [p.wait() for p in procs]
-    assert codes == [0, 0], f"exit codes {codes}\n{procs[0].tail()}\n{procs[1].tail()}"
-    return describe_outputs(out)
+    return {"codes": codes, "tails": [p.tail() for p in procs], **describe_outputs(out)}
 
 
 # ------------------------------------------------------------------ bad-input drivers

@@ -40,19 +40,22 @@ def dit_latest(out):
 TRAINERS = {
     "ddpm": Trainer(
         "ddpm", "ddpm",
-        lambda a, out, e: ["ddpm_conditional_ddp.py", "--mode", "train_ddp", "--dataset-path", a["data"],
-                           "--work-dir", out, "--image-size", "8", "--epochs", e, "--batch-size", "4",
-                           "--save-every-steps", "3", "--random-flip", "--ema-start", "1", "--ema-decay", "0.9",
-                           "--lr-schedule", "cosine", "--warmup-steps", "2", "--sample-every", "0", *TINY_DDPM],
+        # the shared vocabulary here; DDPM_TRAIN below keeps the spec's spellings (--dataset-path, --epochs)
+        lambda a, out, e: ["ddpm_conditional_ddp.py", "--mode", "train_ddp", "--data_root", a["data"],
+                           "--work_dir", out, "--image_size", "8", "--num_epochs", e, "--batch_size", "4",
+                           "--ckpt_every_steps", "3", "--random_flip", "--ema_start", "1", "--ema_decay", "0.9",
+                           "--lr_schedule", "cosine", "--warmup_steps", "2", "--sample_every_epochs", "0",
+                           *TINY_DDPM],
         ["--resume"], lambda out: out / "models" / "DDPM_conditional" / "train_state.pt",
         ("model", "ema", "optimizer", "scaler", "lr_scheduler", "step", "epoch", "batch_in_epoch"),
-        "train_state", 5, "--epochs", files=("models/DDPM_conditional/ckpt.pt", "models/DDPM_conditional/ema_ckpt.pt")),
+        "train_state", 5, "--num_epochs",
+        files=("models/DDPM_conditional/ckpt.pt", "models/DDPM_conditional/ema_ckpt.pt")),
     "ldm": Trainer(
         "ldm", "ldm",
         lambda a, out, e: ["train.py", "--data_root", a["data"], "--output_dir", out, "--vae", a["vae2"],
                            "--image_size", "16", "--batch_size", "4", "--num_epochs", e, "--learning_rate", "1e-3",
                            "--lr_warmup_steps", "2", "--val_split", "0", "--sample_every_epochs", "0",
-                           "--log_every_steps", "1", "--save_every_steps", "3", "--ema_decay", "0.9", "--seed", "0",
+                           "--log_every_steps", "1", "--ckpt_every_steps", "3", "--ema_decay", "0.9", "--seed", "0",
                            "--random_flip", *TINY_UNET],
         ["--resume"], lambda out: out / "checkpoint_last.pt",
         ("unet", "ema_unet", "class_embedder", "ema_class_embedder", "optimizer", "lr_scheduler", "step", "epoch",
@@ -62,7 +65,7 @@ TRAINERS = {
         "vae", "ldm",
         lambda a, out, e: ["train_vae.py", "--data_root", a["data"], "--output_dir", out, "--image_size", "16",
                            "--preset", "tiny", "--block_out_channels", "8", "16", "--norm_num_groups", "8",
-                           "--batch_size", "4", "--num_epochs", e, "--learning_rate", "1e-3", "--save_every_steps",
+                           "--batch_size", "4", "--num_epochs", e, "--learning_rate", "1e-3", "--ckpt_every_steps",
                            "3", "--log_every_steps", "1", "--scale_images", "8", "--random_flip"],
         ["--resume"], lambda out: out / "checkpoint_last.pt",
         ("vae", "optimizer", "lr_scheduler", "step", "epoch", "position_in_epoch"),
@@ -71,21 +74,22 @@ TRAINERS = {
         "controlnet", "controlnet",
         lambda a, out, e: ["train.py", "--data_root", a["pairs"], "--ldm_checkpoint", a["ldm_for_cn"],
                            "--output_dir", out, "--batch_size", "4", "--num_epochs", e, "--learning_rate", "1e-3",
-                           "--log_every", "1", "--sample_steps", "0", "--val_fraction", "0",
-                           "--save_every_steps", "3", "--ema_decay", "0.9"],
+                           "--log_every_steps", "1", "--sample_steps", "0", "--val_fraction", "0",
+                           "--ckpt_every_steps", "3", "--ema_decay", "0.9"],
         ["--resume"], lambda out: out / "checkpoint_last.pt",
         ("controlnet", "ema_controlnet", "encoder", "unet", "optimizer", "lr_scheduler", "global_step", "epoch",
          "step_in_epoch"),
         "checkpoint_last", 7, "--num_epochs", step_key="global_step"),
     "dit": Trainer(
         "dit", "dit",
-        lambda a, out, e: ["train.py", "--model", "DiT-Ti/2", "--data-path", a["data"], "--results-dir", out,
-                           "--image-size", "16", "--num-classes", "3", "--global-batch-size", "4", "--epochs", e,
-                           "--vae", a["vae4"], "--num-workers", "0", "--log-every", "1", "--ckpt-every", "3",
-                           "--grid-every", "0"],
-        ["--resume", "auto"], dit_latest,
+        # the shared vocabulary here (a bare --resume means auto); DIT_TRAIN below keeps the spec's spellings
+        lambda a, out, e: ["train.py", "--model", "DiT-Ti/2", "--data_root", a["data"], "--results_dir", out,
+                           "--image_size", "16", "--num_classes", "3", "--global_batch_size", "4", "--num_epochs", e,
+                           "--vae", a["vae4"], "--num_workers", "0", "--log_every_steps", "1",
+                           "--ckpt_every_steps", "3", "--sample_every_steps", "0"],
+        ["--resume"], dit_latest,
         ("model", "ema", "opt", "scaler", "step", "epoch", "batch_in_epoch"),
-        "/checkpoints/.", 5, "--epochs"),
+        "/checkpoints/.", 5, "--num_epochs"),
 }
 
 
@@ -138,7 +142,7 @@ VAE_TRAIN = ["train_vae.py", "--output_dir", "{out}", "--image_size", "16", "--p
 LDM_INF = ["inference.py", "--output_dir", "{out}", "--num_samples", "1", "--num_inference_steps", "2"]
 LDM_PER_CLASS = ["inference_per_class.py", "--output_dir", "{out}", "--total_samples", "3",
                  "--num_inference_steps", "2"]
-CN_TRAIN = ["train.py", "--output_dir", "{out}", "--batch_size", "4", "--num_epochs", "1", "--max_steps", "1",
+CN_TRAIN = ["train.py", "--output_dir", "{out}", "--batch_size", "4", "--num_epochs", "1", "--max_train_steps", "1",
             "--sample_steps", "0", "--val_fraction", "0"]
 CN_INF = ["inference.py", "--output_dir", "{out}", "--num_inference_steps", "2"]
 DIT_TRAIN = ["train.py", "--model", "DiT-Ti/2", "--results-dir", "{out}", "--image-size", "16", "--num-classes",

@@ -14,7 +14,13 @@ NAMES = list(SAMPLERS)
 def test_killed_sampling_rerun_writes_exactly_the_missing_images(faults, name):
     killed = faults.get(f"{name}.kill")
     ref = faults.get(f"{name}.concurrent")  # uninterrupted runs of the same command
-    assert len(killed["files"]) == SAMPLERS[name].count
+    count = SAMPLERS[name].count
+    assert killed["alive"], f"sampling ended before it could be killed (delay {killed['delay']:.3f}s)"
+    assert 0 < killed["present"] < count, f"{killed['present']} of {count} images after the kill"
+    assert killed["rerun_code"] == 0, f"the rerun exited {killed['rerun_code']}\n{killed['log']}"
+    assert not killed["rewritten"], f"the rerun rewrote images that were already there: {killed['rewritten'][:5]}"
+    assert not killed["broken"], f"images that do not decode: {killed['broken'][:5]}"
+    assert len(killed["files"]) == count
     assert killed["files"].keys() == ref["files"].keys()
     differ = [f for f in killed["files"] if killed["files"][f] != ref["files"][f]]
     assert not differ, f"{len(differ)} images differ from an uninterrupted run, e.g. {differ[:3]}"
@@ -24,5 +30,7 @@ def test_killed_sampling_rerun_writes_exactly_the_missing_images(faults, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_two_concurrent_runs_into_one_folder(faults, name):
     r = faults.get(f"{name}.concurrent")
-    assert len(r["files"]) == SAMPLERS[name].count  # every one decoded in the job
+    assert r["codes"] == [0, 0], f"exit codes {r['codes']}\n{r['tails'][0]}\n{r['tails'][1]}"
+    assert not r["broken"], f"images that do not decode: {r['broken'][:5]}"
+    assert len(r["files"]) == SAMPLERS[name].count
     assert not r["hidden"], f"temporary files left behind: {r['hidden'][:5]}"
