@@ -31,10 +31,9 @@ from models import (DEFAULT_NOISE_SCHEDULE, DEFAULT_VAE, UNET_PRESETS, ClassEmbe
                     check_image_size, load_vae, plain_config, sample_images, unet_kwargs, vae_downsample_factor,
                     vae_identity, vae_posterior)
 from runtime import (FlagParser, StopFlags, Throughput, UserError, atomic_save, check_writable, generator,
-                     memory_mb, optimizer_kwargs, param_table, remove_stale_temporaries, rng_state, run_main,
-                     set_rng_state)
+                     memory_mb, optimizer_kwargs, param_table, remove_stale_temporaries, rng_state, run_main)
 from utils import (WarmupEMA, add_run_flags, check_run_flags, finish, load_resume_checkpoint, make_loader,
-                   optimizer_steps, save_checkpoint, start_run)
+                   optimizer_steps, restore_training_state, save_checkpoint, start_run)
 
 
 def parse_args(argv=None):
@@ -247,16 +246,8 @@ def restore(ck, denoiser, ema, optimizer, lr_scheduler, accelerator, steps_per_e
     if ema is not None and ck.get("ema_unet") is not None:
         ema.model.unet.load_state_dict(ck["ema_unet"])
         ema.model.class_embedder.load_state_dict(ck["ema_class_embedder"])
-    optimizer.load_state_dict(ck["optimizer"])
-    lr_scheduler.load_state_dict(ck["lr_scheduler"])
-    if accelerator.scaler is not None and ck.get("scaler"):
-        accelerator.scaler.load_state_dict(ck["scaler"])
-    if accelerator.num_processes == 1:
-        set_rng_state(ck["rng_state"])
-    step, epoch, pos = ck["step"], ck["epoch"], ck["position_in_epoch"]
-    if pos >= steps_per_epoch:  # older versions could save between an epoch's last step and its end
-        epoch, pos = epoch + 1, 0
-    return step, epoch, pos, ck["best_val_loss"]
+    return (*restore_training_state(ck, optimizer, lr_scheduler, accelerator, steps_per_epoch),
+            ck["best_val_loss"])
 
 
 def log_step(r, step, total_steps, epoch, loss_sum, n, lr, throughput):

@@ -31,9 +31,9 @@ from diffusers.optimization import get_scheduler
 from dataset import EpochBatches, ImageDataset, scan_class_folders
 from models import check_image_size, load_vae, plain_config, to_vae_input, vae_downsample_factor
 from runtime import (FlagParser, StopFlags, Throughput, TrainingError, UserError, check_writable, generator, memory_mb,
-                     optimizer_kwargs, param_table, remove_stale_temporaries, rng_state, run_main, set_rng_state)
+                     optimizer_kwargs, param_table, remove_stale_temporaries, rng_state, run_main)
 from utils import (add_run_flags, check_run_flags, finish, load_resume_checkpoint, make_loader, optimizer_steps,
-                   save_checkpoint, start_run)
+                   restore_training_state, save_checkpoint, start_run)
 
 # Scratch architectures; the downsampling factor is 2 ** (levels - 1).
 VAE_PRESETS = {
@@ -151,14 +151,7 @@ def restore(ck, vae, optimizer, lr_scheduler, accelerator, steps_per_epoch):
     if ck is None:
         return 0, 0, 0
     vae.load_state_dict(ck["vae"])
-    optimizer.load_state_dict(ck["optimizer"])
-    lr_scheduler.load_state_dict(ck["lr_scheduler"])
-    if accelerator.scaler is not None and ck.get("scaler"):
-        accelerator.scaler.load_state_dict(ck["scaler"])
-    if accelerator.num_processes == 1:
-        set_rng_state(ck["rng_state"])
-    step, epoch, pos = ck["step"], ck["epoch"], ck["position_in_epoch"]
-    return (step, epoch + 1, 0) if pos >= steps_per_epoch else (step, epoch, pos)  # older versions saved pos == end
+    return restore_training_state(ck, optimizer, lr_scheduler, accelerator, steps_per_epoch)
 
 
 def log_step(log, writer, accelerator, step, total_steps, epoch, parts, n, lr, throughput):

@@ -11,7 +11,7 @@ import torch
 
 from runtime import (EMA, TrainingError, UserError, add_resume_flag, atomic_save,  # noqa: F401
                      finish_distributed, get_logger, load_checkpoint as _load_checkpoint, resolve_precision,
-                     resolve_resume, setup_cuda_speedups)
+                     resolve_resume, set_rng_state, setup_cuda_speedups)
 
 # UserError is re-exported: dataset.py imports it from here.
 
@@ -150,3 +150,17 @@ def finish(accelerator, writer=None):
     accelerator.end_training()
     finish_distributed(0)
     return 0
+
+
+def restore_training_state(ck, optimizer, lr_scheduler, accelerator, steps_per_epoch):
+    """Optimizer, LR schedule, grad scaler and RNG from a resume checkpoint -> (step, epoch, position)."""
+    optimizer.load_state_dict(ck["optimizer"])
+    lr_scheduler.load_state_dict(ck["lr_scheduler"])
+    if accelerator.scaler is not None and ck.get("scaler"):
+        accelerator.scaler.load_state_dict(ck["scaler"])
+    if accelerator.num_processes == 1:
+        set_rng_state(ck["rng_state"])
+    step, epoch, pos = ck["step"], ck["epoch"], ck["position_in_epoch"]
+    if pos >= steps_per_epoch:  # older versions could save between an epoch's last step and its end
+        epoch, pos = epoch + 1, 0
+    return step, epoch, pos

@@ -123,3 +123,15 @@ def install_fault_hooks(runtime_module):
     sys.path.insert(0, str(Path(__file__).resolve().parent / "faults"))
     import fault_hooks
     fault_hooks.install(runtime_module)
+
+
+def run_main_expect(fn, argv, capsys, code=2):
+    """Call a CLI main in-process; return its one-line stderr message after asserting the exit code."""
+    import pytest
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    assert e.value.code == code
+    err = capsys.readouterr().err.strip()
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from repo_helpers import (BOOT, assert_same_updates, free_port, install_fault_hooks, load_folder, run_script,
-                          script_env, sgd_updates)
+from repo_helpers import (BOOT, assert_same_updates, free_port, install_fault_hooks, load_folder, run_main_expect,
+                          run_script, script_env, sgd_updates)
 
 models, dataset, train, inference, ddpm_uncond, ddpm_cond, modules, utils, runtime = load_folder(
     "ddpm", "models", "dataset", "train", "inference", "ddpm", "ddpm_conditional", "modules", "utils", "runtime")
@@ -53,17 +53,6 @@ def rgb_data(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(1)
-
-
-def run_main_expect(fn, argv, capsys, code=2):
-    """Call a CLI main in-process; return its one-line stderr message after asserting the exit code."""
-    with pytest.raises(SystemExit) as e:
-        fn(argv)
-    assert e.value.code == code
-    err = capsys.readouterr().err.strip()
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 # ------------------------------------------------------------------ networks

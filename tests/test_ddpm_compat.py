@@ -16,7 +16,7 @@ import re
 import pytest
 import torch
 
-from repo_helpers import REPO, load_folder
+from repo_helpers import REPO, load_folder, run_main_expect
 
 models, modules, convert, inference, ddpm_uncond, ddpm_cond, train = load_folder(
     "ddpm", "models", "modules", "convert_checkpoint", "inference", "ddpm", "ddpm_conditional", "train")
@@ -25,17 +25,6 @@ models, modules, convert, inference, ddpm_uncond, ddpm_cond, train = load_folder
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(1)
-
-
-def run_main_expect(fn, argv, capsys, code=2):
-    """Call a CLI main in-process; return its one-line stderr message after asserting the exit code."""
-    with pytest.raises(SystemExit) as e:
-        fn(argv)
-    assert e.value.code == code
-    err = capsys.readouterr().err.strip()
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 # ------------------------------------------------------------------ launch() and command-line values
