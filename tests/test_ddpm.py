@@ -431,31 +431,48 @@ def test_torchrun_train_ddp_and_sample_ddp(gray_data, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ bad inputs
-def test_bad_training_inputs(gray_data, tmp_path, capsys):
+def _bad_data(tmp_path, gray_data, kind):
+    """A data folder with one defect (or the good one), for the bad-input cases below."""
+    if kind == "empty":
+        (tmp_path / "empty").mkdir()
+        return tmp_path / "empty"
+    if kind == "good":
+        return gray_data
+    d = write_class_folders(tmp_path / kind, classes=2, per_class=2)
+    if kind == "not-an-image":
+        (d / "class_1" / "notes.png").write_text("this is not an image")
+    elif kind == "truncated":
+        raw = (d / "class_0" / "01.png").read_bytes()
+        (d / "class_0" / "01.png").write_bytes(raw[: len(raw) // 2])
+    elif kind == "class-without-images":
+        (d / "class_9").mkdir()
+    return d
+
+
+# (id, data folder kind, extra flags, what the one error line must contain: "{data}" is the folder)
+BAD_TRAIN_CASES = [
+    ("empty-folder", "empty", [], ["is empty"]),
+    ("not-an-image", "not-an-image", [], ["{data}/class_1/notes.png"]),
+    ("truncated-png", "truncated", [], ["{data}/class_0/01.png"]),
+    ("class-without-images", "class-without-images", [], ["class_9 has no images"]),
+    ("too-many-classes", "good", ["--num-classes", "5"], ["--num-classes 5", "3 class folders"]),
+    ("image-size", "good", ["--image-size", "20"], ["--image-size 20", "multiple of 8"]),
+    ("batch-too-large", "good", ["--batch-size", "40"], ["too few"]),
+]
+
+
+@pytest.mark.parametrize("kind,extra,wanted", [c[1:] for c in BAD_TRAIN_CASES], ids=[c[0] for c in BAD_TRAIN_CASES])
+def test_bad_training_input(gray_data, tmp_path, capsys, kind, extra, wanted):
     base = ["--work-dir", str(tmp_path / "w"), "--image-size", "16", "--epochs", "1", "--batch-size", "2", *TINY]
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert "is empty" in run_main_expect(train.main, ["--dataset-path", str(empty), *base], capsys)
-    bad = write_class_folders(tmp_path / "bad", classes=2, per_class=2)
-    (bad / "class_1" / "notes.png").write_text("this is not an image")
-    msg = run_main_expect(train.main, ["--dataset-path", str(bad), *base], capsys)
-    assert str(bad / "class_1" / "notes.png") in msg
-    trunc = write_class_folders(tmp_path / "trunc", classes=2, per_class=2)
-    raw = (trunc / "class_0" / "01.png").read_bytes()
-    (trunc / "class_0" / "01.png").write_bytes(raw[: len(raw) // 2])
-    assert str(trunc / "class_0" / "01.png") in run_main_expect(train.main, ["--dataset-path", str(trunc), *base],
-                                                                 capsys)
-    noimg = write_class_folders(tmp_path / "noimg", classes=2, per_class=2)
-    (noimg / "class_9").mkdir()
-    assert "class_9 has no images" in run_main_expect(train.main, ["--dataset-path", str(noimg), *base], capsys)
-    msg = run_main_expect(train.main, ["--dataset-path", str(gray_data), "--num-classes", "5", *base], capsys)
-    assert "--num-classes 5" in msg and "3 class folders" in msg
-    msg = run_main_expect(train.main, ["--dataset-path", str(gray_data), *base, "--image-size", "20"], capsys)
-    assert "--image-size 20" in msg and "multiple of 8" in msg
-    msg = run_main_expect(train.main, ["--dataset-path", str(gray_data), *base, "--batch-size", "40"], capsys)
-    assert "too few" in msg
+    data = _bad_data(tmp_path, gray_data, kind)
+    msg = run_main_expect(train.main, ["--dataset-path", str(data), *base, *extra], capsys)
+    for w in wanted:
+        assert w.format(data=data) in msg, msg
     assert not (tmp_path / "w").exists()  # nothing written for bad input
-    # a finished run is not silently overwritten; resuming with another size is refused
+
+
+def test_finished_run_is_not_overwritten_and_resume_keeps_the_size(gray_data, tmp_path, capsys):
+    base = ["--work-dir", str(tmp_path / "w"), "--image-size", "16", "--epochs", "1", "--batch-size", "2", *TINY]
     train.main(["--dataset-path", str(gray_data), *base])
     assert "already holds a run" in run_main_expect(train.main, ["--dataset-path", str(gray_data), *base], capsys)
     msg = run_main_expect(train.main, ["--dataset-path", str(gray_data), *base, "--resume", "--image-size", "32"],
@@ -463,48 +480,57 @@ def test_bad_training_inputs(gray_data, tmp_path, capsys):
     assert "--image-size 32 disagrees" in msg
 
 
-def test_bad_checkpoints(gray_data, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def bad_ckpts(gray_data, tmp_path_factory):
+    """Two finished runs of different sizes and the broken checkpoints the cases below hand to inference."""
+    tmp = tmp_path_factory.mktemp("bad_ckpts")
     base = ["--dataset-path", str(gray_data), "--image-size", "8", "--epochs", "1", "--batch-size", "9",
             "--sample-every", "0", *TINY[:-2]]
-    train.main(["--work-dir", str(tmp_path / "a"), *base])
-    train.main(["--work-dir", str(tmp_path / "b"), *base[:-6], "--base-channels", "16", "--time-dim", "16",
+    train.main(["--work-dir", str(tmp / "a"), *base])
+    train.main(["--work-dir", str(tmp / "b"), *base[:-6], "--base-channels", "16", "--time-dim", "16",
                 "--noise-steps", "20"])
-    capsys.readouterr()
-    run_a, run_b = tmp_path / "a/models/DDPM_conditional", tmp_path / "b/models/DDPM_conditional"
-    sample = ["--num-samples", "1", "--sampler", "ddim", "--sampling-steps", "2", "--output-dir",
-              str(tmp_path / "out")]
-    # weights of another size beside a config.json that says otherwise
-    mixed = tmp_path / "mixed"
+    run_a, run_b = tmp / "a/models/DDPM_conditional", tmp / "b/models/DDPM_conditional"
+    mixed = tmp / "mixed"  # weights of another size beside a config.json that says otherwise
     mixed.mkdir()
     (mixed / "config.json").write_bytes((run_a / "config.json").read_bytes())
     (mixed / "ckpt.pt").write_bytes((run_b / "ckpt.pt").read_bytes())
-    msg = run_main_expect(inference.main, ["--ckpt", str(mixed / "ckpt.pt"), *sample], capsys)
-    assert "another architecture or size" in msg
-    # a checkpoint of another model type
-    other = torch.load(run_a / "train_state.pt", weights_only=True)
+    other = torch.load(run_a / "train_state.pt", weights_only=True)  # a checkpoint of another model type
     other["model_type"] = "dit"
-    torch.save(other, tmp_path / "dit_state.pt")
-    assert "'dit' checkpoint, not a DDPM" in run_main_expect(
-        inference.main, ["--ckpt", str(tmp_path / "dit_state.pt"), *sample], capsys)
-    # a file that is not a checkpoint
-    (tmp_path / "junk.pt").write_text("hello")
-    assert "is not a checkpoint" in run_main_expect(inference.main, ["--ckpt", str(tmp_path / "junk.pt"), *sample],
-                                                    capsys)
-    # a pickled checkpoint: refused unless trusted
-    torch.save({"args": Namespace(lr=1)}, tmp_path / "pickled.pt")
-    msg = run_main_expect(inference.main, ["--ckpt", str(tmp_path / "pickled.pt"), *sample], capsys)
-    assert "not a plain checkpoint" in msg and "--trust_checkpoint" in msg
-    msg = run_main_expect(inference.main, ["--ckpt", str(tmp_path / "pickled.pt"), "--trust-checkpoint", *sample],
-                          capsys)
-    assert "not a DDPM checkpoint" in msg
-    # sampling flags that disagree with the checkpoint
-    msg = run_main_expect(inference.main, ["--ckpt", str(run_a / "ckpt.pt"), "--num-classes", "8", *sample], capsys)
-    assert "--num-classes 8 disagrees" in msg and "3 classes" in msg
-    msg = run_main_expect(inference.main, ["--ckpt", str(run_a / "ckpt.pt"), "--class-labels", "dog", *sample],
-                          capsys)
-    assert "unknown class 'dog'" in msg and "class_0, class_1, class_2" in msg
+    torch.save(other, tmp / "dit_state.pt")
+    (tmp / "junk.pt").write_text("hello")  # not a checkpoint
+    torch.save({"args": Namespace(lr=1)}, tmp / "pickled.pt")  # pickled objects: refused unless trusted
+    return {"ckpt": run_a / "ckpt.pt", "mixed": mixed / "ckpt.pt", "dit": tmp / "dit_state.pt",
+            "junk": tmp / "junk.pt", "pickled": tmp / "pickled.pt"}
+
+
+# (id, checkpoint key of the fixture, extra flags, what the one error line must contain)
+BAD_CKPT_CASES = [
+    ("other-size-weights", "mixed", [], ["another architecture or size"]),
+    ("other-model-type", "dit", [], ["'dit' checkpoint, not a DDPM"]),
+    ("not-a-checkpoint", "junk", [], ["is not a checkpoint"]),
+    ("pickled", "pickled", [], ["not a plain checkpoint", "--trust_checkpoint"]),
+    ("pickled-trusted", "pickled", ["--trust-checkpoint"], ["not a DDPM checkpoint"]),
+    ("num-classes-disagree", "ckpt", ["--num-classes", "8"], ["--num-classes 8 disagrees", "3 classes"]),
+    ("unknown-class", "ckpt", ["--class-labels", "dog"], ["unknown class 'dog'", "class_0, class_1, class_2"]),
+]
+
+
+@pytest.mark.parametrize("which,extra,wanted", [c[1:] for c in BAD_CKPT_CASES], ids=[c[0] for c in BAD_CKPT_CASES])
+def test_bad_checkpoint(bad_ckpts, tmp_path, capsys, which, extra, wanted):
+    sample = ["--num-samples", "1", "--sampler", "ddim", "--sampling-steps", "2", "--output-dir",
+              str(tmp_path / "out")]
+    capsys.readouterr()
+    msg = run_main_expect(inference.main, ["--ckpt", str(bad_ckpts[which]), *extra, *sample], capsys)
+    for w in wanted:
+        assert w in msg, msg
     assert not (tmp_path / "out").exists()
-    # train_state.pt works as --ckpt too (EMA entry with --use-ema), and the same seed gives the same image
+
+
+def test_train_state_and_ema_checkpoint_give_the_same_image(bad_ckpts, tmp_path):
+    """train_state.pt works as --ckpt too (EMA entry with --use-ema), and the same seed gives the same image."""
+    run_a = bad_ckpts["ckpt"].parent
+    sample = ["--num-samples", "1", "--sampler", "ddim", "--sampling-steps", "2", "--output-dir",
+              str(tmp_path / "out")]
     inference.main(["--ckpt", str(run_a / "train_state.pt"), "--use-ema", *sample])
     img = (tmp_path / "out" / "class_0_seed0.png").read_bytes()
     inference.main(["--ckpt", str(run_a / "ema_ckpt.pt"), *sample[:-1], str(tmp_path / "out2")])

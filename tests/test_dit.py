@@ -542,17 +542,21 @@ def test_sample_bad_input(tiny_ckpt, tmp_path, extra, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("extra,message", [
+    (["--num-classes", "4"], "--num-classes 4 but .* has 3 class folders"),
+    (["--image-size", "12"], "--image-size must be a positive multiple of 8"),
+    (["--model", "DiT-Ti/4", "--image-size", "8"], "not divisible by the patch size 4"),
+    (["--global-batch-size", "64"], "fewer than --global-batch-size 64"),
+    (["--resume", "{tmp}/missing.pt"], "no such checkpoint"),
+], ids=["num-classes", "image-size", "patch-size", "batch-size", "missing-resume"])
+def test_train_bad_flag(work, tmp_path, extra, message):
+    extra = [e.format(tmp=tmp_path) for e in extra]
+    with pytest.raises(UserError, match=message):
+        train.main(train_args(work, tmp_path / "res", *extra))
+    assert not (tmp_path / "res").exists() or not any((tmp_path / "res").rglob("*.pt"))
+
+
 def test_train_bad_input(work, tmp_path, tiny_ckpt):
-    cases = [
-        (["--num-classes", "4"], "--num-classes 4 but .* has 3 class folders"),
-        (["--image-size", "12"], "--image-size must be a positive multiple of 8"),
-        (["--model", "DiT-Ti/4", "--image-size", "8"], "not divisible by the patch size 4"),
-        (["--global-batch-size", "64"], "fewer than --global-batch-size 64"),
-        (["--resume", str(tmp_path / "missing.pt")], "no such checkpoint"),
-    ]
-    for extra, message in cases:
-        with pytest.raises(UserError, match=message):
-            train.main(train_args(work, tmp_path / "res", *extra))
     bad = tmp_path / "bad"
     shutil.copytree(work / "data", bad)
     (bad / "class_1" / "broken.png").write_text("not an image")

@@ -366,34 +366,46 @@ def test_inference_per_class_counts_and_resume(tmp_path, trained, capsys):
 
 
 # ---------------------------------------------------------------- bad inputs
-def test_bad_training_inputs(tmp_path, tiny_vae, capsys):
+def _ldm_bad_data(tmp_path, kind):
+    """A class-folder data set with one defect, for the bad-input cases below."""
+    if kind == "empty":
+        (tmp_path / "empty").mkdir()
+        return tmp_path / "empty"
+    d = write_classes(tmp_path / kind, per_class=3)
+    if kind == "not-an-image":
+        (d / "cls_b" / "001.png").write_text("not an image")
+    elif kind == "truncated":
+        raw = (d / "cls_a" / "002.png").read_bytes()
+        (d / "cls_a" / "002.png").write_bytes(raw[: len(raw) // 2])
+    elif kind == "class-without-images":
+        (d / "cls_empty").mkdir()
+    elif kind == "too-few-in-a-class":
+        for f in sorted((d / "cls_c").iterdir())[1:]:
+            f.unlink()
+    return d
+
+
+# (id, data kind, extra flags ("{tmp}" is the test's folder), what the one error line must contain)
+BAD_TRAIN_CASES = [
+    ("no-class-folders", "empty", [], ["has no class subfolders"]),
+    ("not-an-image", "not-an-image", [], ["001.png", "not a readable image"]),
+    ("truncated-png", "truncated", [], ["002.png"]),
+    ("class-without-images", "class-without-images", [], ["cls_empty has no images"]),
+    ("image-size", "ok", ["--image_size", "12"], ["--image_size", "multiple of 8"]),
+    ("too-few-for-val-split", "too-few-in-a-class", [], ["class 'cls_c' has 1 image", "--val_split"]),
+    ("missing-vae", "ok", ["--vae", "{tmp}/no_vae"], ["--vae /path/to/folder"]),
+    ("cfg-dropout", "ok", ["--cfg_dropout", "1.5"], ["--cfg_dropout"]),
+    ("nothing-to-resume", "ok", ["--resume"], ["nothing to resume"]),
+]
+
+
+@pytest.mark.parametrize("kind,extra,wanted", [c[1:] for c in BAD_TRAIN_CASES], ids=[c[0] for c in BAD_TRAIN_CASES])
+def test_bad_training_input(tmp_path, tiny_vae, capsys, kind, extra, wanted):
     out = tmp_path / "out"
-    flags = lambda root, *extra: base_flags(root, tiny_vae, out) + list(extra)
-    (tmp_path / "empty").mkdir()
-    assert "has no class subfolders" in user_error(capsys, train.main, flags(tmp_path / "empty"))
-    bad = write_classes(tmp_path / "bad", per_class=3)
-    (bad / "cls_b" / "001.png").write_text("not an image")
-    err = user_error(capsys, train.main, flags(bad))
-    assert "001.png" in err and "not a readable image" in err
-    trunc = write_classes(tmp_path / "trunc", per_class=3)
-    raw = (trunc / "cls_a" / "002.png").read_bytes()
-    (trunc / "cls_a" / "002.png").write_bytes(raw[: len(raw) // 2])
-    assert "002.png" in user_error(capsys, train.main, flags(trunc))
-    ok = write_classes(tmp_path / "ok", per_class=3)
-    (ok / "cls_empty").mkdir()
-    assert "cls_empty has no images" in user_error(capsys, train.main, flags(ok))
-    (ok / "cls_empty").rmdir()
-    err = user_error(capsys, train.main, flags(ok) + ["--image_size", "12"])
-    assert "--image_size" in err and "multiple of 8" in err
-    few = write_classes(tmp_path / "few", per_class=3)
-    for f in list((few / "cls_c").iterdir())[1:]:
-        f.unlink()
-    err = user_error(capsys, train.main, flags(few))
-    assert "class 'cls_c' has 1 image" in err and "--val_split" in err
-    err = user_error(capsys, train.main, flags(ok) + ["--vae", str(tmp_path / "no_vae")])
-    assert "--vae /path/to/folder" in err
-    assert "--cfg_dropout" in user_error(capsys, train.main, flags(ok) + ["--cfg_dropout", "1.5"])
-    assert "nothing to resume" in user_error(capsys, train.main, flags(ok) + ["--resume"])
+    flags = base_flags(_ldm_bad_data(tmp_path, kind), tiny_vae, out) + [e.format(tmp=tmp_path) for e in extra]
+    err = user_error(capsys, train.main, flags)
+    for w in wanted:
+        assert w in err, err
     assert not out.exists()  # nothing written for bad input
 
 
