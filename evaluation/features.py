@@ -169,14 +169,14 @@ def net_identity(name, path):
     return {"net": name, "weights": file_identity(path) if path else "standard-download"}
 
 
-def folder_key(root, rel_files, scaling):
+def folder_key(root, rel_files, decoding):
     """Identity of an image folder's content for the cache: names, sizes, mtimes and the decoding setting."""
     entries = []
     for rel in rel_files:
         st = os.stat(Path(root) / rel)
         entries.append([rel, st.st_size, st.st_mtime_ns])
     return {"version": CACHE_VERSION, "root": str(Path(root).resolve()), "files": entries,
-            "scaling": scaling}
+            "decoding": decoding}
 
 
 def cache_path(cache_dir, fkey, ident):
@@ -209,13 +209,13 @@ def write_cache(path, feats):
 
 
 @torch.inference_mode()
-def extract(paths, nets, batch_size, num_workers, device, scaling, desc):
+def extract(paths, nets, batch_size, num_workers, device, desc):
     """Run every net in `nets` (name -> module on device) over the images; one decode per image.
 
     Returns name -> float32 array N x D, in the order of `paths`.
     """
     loader = torch.utils.data.DataLoader(
-        ImageFiles(paths, scaling), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        ImageFiles(paths), batch_size=batch_size, shuffle=False, num_workers=num_workers,
         collate_fn=collate_images, pin_memory=device.type == "cuda",
         persistent_workers=False)
     out = {name: None for name in nets}

@@ -74,9 +74,9 @@ class ImageFiles(torch.utils.data.Dataset):
 
     The tensor is the decoder's [0, 1] image times 255, unrounded: features.extract divides by 255 as
     torchvision's ToTensor does (bit-identical to it for 8-bit files) and 16-bit/float images keep their
-    precision. `scaling` is accepted for the callers' signatures and ignored: there is one rule."""
+    precision."""
 
-    def __init__(self, paths, scaling=None):
+    def __init__(self, paths):
         self.paths = list(paths)
 
     def __len__(self):

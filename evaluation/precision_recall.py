@@ -333,7 +333,7 @@ def fill_features(side, want, get_net, weight_files, args, device, notes):
     if todo:
         paths = [str(side.path / f) for f in side.files]
         got = extract(paths, {n: get_net(n) for n in todo}, args.batch_size, args.num_workers, device,
-                      DECODING, desc=f"{side.role} features ({side.n} images)")
+                      desc=f"{side.role} features ({side.n} images)")
         for name, arr in got.items():
             err = write_cache(cache_path(cache_dir, fkey, net_identity(name, weight_files[name])), arr) \
                 if fkey else None

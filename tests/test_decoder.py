@@ -241,7 +241,7 @@ def _folder_tensors(data, masks, channels):
 def _evaluator_tensors(data):
     """{file name: 3 x H x W in [0, 1]} as the evaluator's loader hands them to its networks (full size)."""
     rel = eval_images.list_images(data / "c0")
-    files = eval_images.ImageFiles([data / "c0" / r for r in rel], "minmax")  # --scaling is ignored now
+    files = eval_images.ImageFiles([data / "c0" / r for r in rel])
     out = {}
     for i, r in enumerate(rel):
         index, x, err = files[i]

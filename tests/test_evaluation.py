@@ -220,7 +220,7 @@ def test_inception_features_equal_pytorch_fid(tmp_path, weights):
         files.append(tmp_path / f"{i}.png")
         write_png(files[-1], rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
     ours = features.extract([str(f) for f in files], {"inception": features.build_inception(
-        str(weights / "inception.pth"))}, 3, 0, torch.device("cpu"), "minmax", "test")["inception"]
+        str(weights / "inception.pth"))}, 3, 0, torch.device("cpu"), "test")["inception"]
     sd = torch.load(weights / "inception.pth", weights_only=True)
     with mock.patch.object(pfi, "load_state_dict_from_url", lambda *a, **k: sd):
         ref_net = pfi.InceptionV3([3]).eval()
