@@ -7,9 +7,13 @@ on drift). Never edit a copy: edit the source and run the sync script. Nothing t
     from imaging import decode_image, resize_image
     x = resize_image(decode_image("scan.png", channels=1), 256)   # (1, 256, 256) in [0, 1]
 
-Files: IMAGE_EXTENSIONS (.png .jpg .jpeg .bmp .tif .tiff .webp, any letter case); hidden files (and, when
-listing recursively, hidden folders) are skipped. A multi-frame file gives its first frame. EXIF
-orientation is not applied: pixels are used as stored.
+Files: IMAGE_EXTENSIONS (.png .jpg .jpeg .bmp .tif .tiff .webp) and the medical formats MEDICAL_EXTENSIONS
+(.dcm .nii .nii.gz, and files with no extension that carry the DICOM "DICM" preamble), any letter case;
+hidden files (and, when listing recursively, hidden folders) are skipped. A multi-frame 2-D file gives its
+first frame. EXIF orientation is not applied: pixels are used as stored. DICOM and NIfTI files (slices,
+frames, intensity windows in physical units, patient groups, writing) are read by medical.py (vendored
+with this file): a `Source` names one 2-D image, a whole file or one slice / frame of it, and every reader
+below takes a Source or a path plus, optionally, medical.ReadOptions (the window).
 
 Intensity rule (no per-image statistics: the same stored value always gives the same number):
 - unsigned integer data is divided by its stored type's maximum: 8-bit by 255, 16-bit by 65535
@@ -31,6 +35,8 @@ side to round(side * size / shorter side), then the centre size x size is croppe
 / 2)); results are clamped to [0, 1] (only float rounding can leave it). An image already size x size is
 returned unchanged. resize_mask uses the same geometry with nearest-exact sampling (no antialias), so a
 mask stays aligned with its image and no label value appears that was not in the file.
+With ReadOptions that name a window (--intensity_window), 16-bit and float files are windowed in their
+stored units instead of the rule above; 8-bit files are display values and are never windowed.
 Errors: every problem with a file is an ImageError (a ValueError) whose text is one line naming the file
 and saying what to do; each folder turns it into its own UserError.
 """
@@ -44,6 +50,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MEDICAL_EXTENSIONS = (".dcm", ".nii", ".nii.gz")
+ALL_EXTENSIONS = IMAGE_EXTENSIONS + MEDICAL_EXTENSIONS
 FLOAT_TOLERANCE = 1e-3
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L") but in float
 
@@ -67,12 +75,71 @@ class ImageError(ValueError):
         super().__init__(f"{self.path} {self.problem}; {self.advice}")
 
 
+class Source(namedtuple("Source", "path index")):
+    """One 2-D image: a whole file (index None) or slice / frame `index` of a NIfTI volume or DICOM file.
+
+    name, stem and str() identify it in messages and pairings; a slice's stem is '<file stem>_<index>'."""
+    __slots__ = ()
+
+    def __new__(cls, path, index=None):
+        return super().__new__(cls, Path(path), None if index is None else int(index))
+
+    @property
+    def file_stem(self):
+        n = self.path.name
+        for ext in MEDICAL_EXTENSIONS[::-1]:  # .nii.gz before .nii
+            if n.lower().endswith(ext):
+                return n[:-len(ext)]
+        return self.path.stem
+
+    @property
+    def stem(self):
+        return self.file_stem if self.index is None else f"{self.file_stem}_{self.index:04d}"
+
+    @property
+    def name(self):
+        return self.path.name if self.index is None else f"{self.path.name}[{self.index}]"
+
+    def __str__(self):
+        return str(self.path) if self.index is None else f"{self.path}[{self.index}]"
+
+
+def as_source(src):
+    """A Source for a path or Source."""
+    return src if isinstance(src, Source) else Source(src)
+
+
+def is_dicom_file(path):
+    """True for a file with the DICOM preamble ('DICM' at byte 128), whatever its name."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def is_image_file(path):
+    """A file this repository reads: a known extension (any case), or no extension and a DICOM preamble."""
+    name = Path(path).name
+    if name.startswith("."):
+        return False
+    if name.lower().endswith(ALL_EXTENSIONS):
+        return True
+    return "." not in name and is_dicom_file(path)
+
+
+def is_medical(src):
+    """True for DICOM / NIfTI files (physical units, slices, frames), False for the 2-D image formats."""
+    name = as_source(src).path.name.lower()
+    return name.endswith(MEDICAL_EXTENSIONS) or ("." not in name and is_dicom_file(as_source(src).path))
+
+
 def list_images(folder, recursive=False):
     """Sorted image files of `folder` (extensions case-insensitive, hidden files and folders skipped)."""
     folder = Path(folder)
     if not recursive:
-        return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                      and p.suffix.lower() in IMAGE_EXTENSIONS)
+        return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
     found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -81,8 +148,7 @@ def list_images(folder, recursive=False):
             continue
         seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / n for n in filenames
-                  if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
+        found += [Path(dirpath) / n for n in filenames if is_image_file(Path(dirpath) / n)]
     return sorted(found, key=lambda p: p.relative_to(folder).parts)
 
 
@@ -114,8 +180,8 @@ def _int_max(dtype, rawmode):
     return info.max, info.min < 0
 
 
-def _decode(path, expand_palette=True):
-    """(float32 array H x W x C in [0, 1], C = 1 or 3, ImageInfo) of one file; ImageError if unusable."""
+def decode_raw(path, expand_palette=True):
+    """(stored samples H x W x C, C = 1 or 3, in the file's own type; mode; alpha; rawmode; size) of a 2-D file."""
     try:
         with Image.open(path) as im:
             mode, size, rawmode = im.mode, im.size, _rawmode(im)
@@ -137,12 +203,25 @@ def _decode(path, expand_palette=True):
         raise
     except Exception as e:  # Pillow raises many types (OSError, SyntaxError, ValueError, EOFError...)
         raise ImageError(path, f"is not a readable image ({type(e).__name__}: {str(e)[:160]})") from None
-    dtype = arr.dtype
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3):
         raise ImageError(path, f"has an unsupported layout (mode {mode}, shape {arr.shape})",
                          "save it as gray, RGB or RGBA")
+    return arr, mode, alpha, rawmode, size
+
+
+def stored_values(arr, rawmode):
+    """Integer samples as their true type (unsigned 32-bit samples sit in Pillow's int32 mode I)."""
+    if arr.dtype == np.int32 and not _int_max(arr.dtype, rawmode)[1]:
+        return arr.view(np.uint32)
+    return arr
+
+
+def _decode(path, expand_palette=True):
+    """(float32 array H x W x C in [0, 1], C = 1 or 3, ImageInfo) of one 2-D file; ImageError if unusable."""
+    arr, mode, alpha, rawmode, size = decode_raw(path, expand_palette)
+    dtype = arr.dtype
     if dtype == np.bool_:
         out = arr.astype(np.float32)
     elif np.issubdtype(dtype, np.integer):
@@ -189,16 +268,28 @@ def _decode_16bit_colour(path, im, rawmode):
     return (hi << 8) | lo
 
 
-def read_pixels(path, expand_palette=True):
-    """Every pixel of `path` as float32 (H, W, C) in [0, 1], C its own 1 or 3 channels (alpha dropped).
+def _read(src, expand_palette, opts):
+    """(pixels, ImageInfo) of a Source or path: 2-D files here, medical files and windows in medical.py."""
+    src = as_source(src)
+    if is_medical(src) or (opts is not None and opts.windows_2d()):
+        import medical  # vendored beside this file; imported lazily (pydicom / nibabel load only when needed)
+        return medical.read(src, expand_palette, opts)
+    if src.index not in (None, 0):
+        raise ImageError(src.path, f"is a 2-D image: it has no slice or frame {src.index}")
+    return _decode(src.path, expand_palette)
 
-    expand_palette=False keeps a palette image's indices (/255, one channel): label masks."""
-    return _decode(path, expand_palette)[0]
+
+def read_pixels(src, expand_palette=True, opts=None):
+    """Every pixel of a Source or path as float32 (H, W, C) in [0, 1], C its own 1 or 3 channels.
+
+    expand_palette=False keeps a palette image's indices (/255, one channel): label masks. `opts`
+    (medical.ReadOptions) carries the intensity window for files in physical units."""
+    return _read(src, expand_palette, opts)[0]
 
 
-def check_image(path, expand_palette=True):
-    """Decode `path` fully, as training will; return its ImageInfo, or raise ImageError naming the file."""
-    return _decode(path, expand_palette)[1]
+def check_image(src, expand_palette=True, opts=None):
+    """Decode a Source or path fully, as training will; return its ImageInfo, or raise ImageError naming it."""
+    return _read(src, expand_palette, opts)[1]
 
 
 def to_channels(x, channels):
@@ -213,9 +304,9 @@ def to_channels(x, channels):
     return x.expand(3, -1, -1).contiguous()
 
 
-def decode_image(path, channels):
-    """File -> float32 torch tensor (channels, H, W) in [0, 1] by the intensity and channel rules."""
-    return to_channels(torch.from_numpy(read_pixels(path)).permute(2, 0, 1), channels).contiguous()
+def decode_image(src, channels, opts=None):
+    """Source or path -> float32 torch tensor (channels, H, W) in [0, 1] by the intensity and channel rules."""
+    return to_channels(torch.from_numpy(read_pixels(src, opts=opts)).permute(2, 0, 1), channels).contiguous()
 
 
 def _geometry(h, w, size):

@@ -19,6 +19,7 @@ SOURCE = REPO / "scripts" / "vendored"
 COPIES = {
     "runtime.py": ["ddpm", "ldm", "controlnet", "dit"],
     "imaging.py": ["ddpm", "ldm", "controlnet", "dit", "evaluation"],
+    "medical.py": ["ddpm", "ldm", "controlnet", "dit", "evaluation"],
 }
 
 
