@@ -214,6 +214,11 @@ def add_read_flags(parser):
     flag("group_regex", default=None, metavar="REGEX",
          help="patient / study of a file for splits: first group of this regex on the file name (default: DICOM "
               "PatientID / StudyInstanceUID, one group per NIfTI volume, else per file)")
+    # argparse reads "-160,240" as an unknown option (it knows only plain negative numbers): let a LOW,HIGH
+    # value that starts with a minus sign be a value, so `--intensity_window -160,240` works as documented.
+    neg = getattr(parser, "_negative_number_matcher", None)
+    if neg is not None:
+        parser._negative_number_matcher = re.compile(f"{neg.pattern}|^-\\d*\\.?\\d+(e[-+]?\\d+)?,")
 
 
 def add_output_flag(parser):
@@ -335,57 +340,91 @@ def _dicom_pixels_cached(key):
     return arr
 
 
-@functools.lru_cache(maxsize=4)
+class _Volume:
+    """A NIfTI file opened lazily: slices are read through nibabel's array proxy (memory-mapped for .nii), so
+    a data set of many volumes never holds them all; `shape` is in canonical (RAS) axis order."""
+
+    def __init__(self, path):
+        nib = _import("nibabel")
+        try:
+            self.img = nib.load(str(path))
+            shape = tuple(self.img.shape)
+            self.ornt = nib.orientations.io_orientation(self.img.affine)  # per stored axis: (RAS axis, +1 / -1)
+        except Exception as e:
+            raise ImageError(path, f"is not a readable NIfTI file ({type(e).__name__}: {str(e)[:160]})") from None
+        if len(shape) > 3 and any(n > 1 for n in shape[3:]):
+            raise ImageError(path, f"is a {len(shape)}-D volume (shape {shape}); only 2-D and 3-D volumes are read",
+                             "split it into 3-D volumes (e.g. one per time point or channel)")
+        self.path, self.stored = path, (shape + (1, 1))[:3]
+        self.shape = tuple(self.stored[self._stored_axis(a)] for a in range(3))
+        lo, hi = float(self.img.header.get("cal_min", 0)), float(self.img.header.get("cal_max", 0))
+        self.cal = (lo, hi) if hi > lo else None
+
+    def _stored_axis(self, axis):
+        return int(np.flatnonzero(self.ornt[:, 0] == axis)[0])
+
+    def _canonical(self, sl, rest):
+        """A 2-D array over stored axes `rest` -> the same plane in canonical order, each axis pointing R/A/S."""
+        for j, s in enumerate(rest):
+            if self.ornt[s, 1] < 0:
+                sl = np.flip(sl, axis=j)
+        return sl.T if self.ornt[rest[0], 0] > self.ornt[rest[1], 0] else sl
+
+    def _check(self, arr):
+        if not np.all(np.isfinite(arr)):
+            raise ImageError(self.path, "holds NaN or infinite values", "replace them")
+        return arr
+
+    def axis(self, opts):
+        """The axis slices are taken along: a singleton axis (a 2-D image) wins, else --slice_axis."""
+        flat = [i for i, n in enumerate(self.shape) if n == 1]
+        return flat[-1] if flat else (opts.slice_axis if opts is not None else 2)
+
+    def slice(self, axis, k):
+        """Slice k along canonical `axis`, as displayed: rows from +axis at the top, patient's right on the left."""
+        s = self._stored_axis(axis)
+        index = [slice(None)] * 3
+        index[s] = self.stored[s] - 1 - k if self.ornt[s, 1] < 0 else k
+        try:
+            sl = np.asarray(self.img.dataobj[tuple(index) + (0,) * (len(self.img.shape) - 3)], dtype=np.float64)
+        except Exception as e:
+            raise ImageError(self.path, f"has unreadable NIfTI data ({type(e).__name__}: {str(e)[:160]})") from None
+        sl = self._canonical(sl.reshape([self.stored[i] for i in range(3) if i != s]), [i for i in range(3) if i != s])
+        return self._check(sl).T[::-1, ::-1]
+
+    def nonconstant(self, axis):
+        """Which canonical slices along `axis` are not constant (one read of the whole volume)."""
+        try:
+            data = np.asarray(self.img.dataobj, dtype=np.float32).reshape(self.stored)
+        except Exception as e:
+            raise ImageError(self.path, f"has unreadable NIfTI data ({type(e).__name__}: {str(e)[:160]})") from None
+        s = self._stored_axis(axis)
+        other = tuple(i for i in range(3) if i != s)
+        keep = self._check(data).max(axis=other) > data.min(axis=other)
+        return keep[::-1] if self.ornt[s, 1] < 0 else keep
+
+
+@functools.lru_cache(maxsize=256)
 def _nifti_cached(key):
-    """(canonical-orientation float64 data (3-D), cal window or None) of a NIfTI file."""
-    nib = _import("nibabel")
-    path = key[0]
-    try:
-        img = nib.load(path)
-        shape = img.shape
-    except Exception as e:
-        raise ImageError(path, f"is not a readable NIfTI file ({type(e).__name__}: {str(e)[:160]})") from None
-    if len(shape) > 3 and any(n > 1 for n in shape[3:]):
-        raise ImageError(path, f"is a {len(shape)}-D volume (shape {tuple(shape)}); only 2-D and 3-D volumes are read",
-                         "split it into 3-D volumes (e.g. one per time point or channel)")
-    try:
-        img = nib.as_closest_canonical(img)  # nibabel: RAS+ whatever the storage order, so --slice_axis means one thing
-        data = np.asarray(img.dataobj, dtype=np.float64)
-    except Exception as e:
-        raise ImageError(path, f"has unreadable NIfTI data ({type(e).__name__}: {str(e)[:160]})") from None
-    data = data.reshape(data.shape[:3] + (1,) * (3 - data.ndim)) if data.ndim < 3 else data.reshape(data.shape[:3])
-    if not np.all(np.isfinite(data)):
-        raise ImageError(path, "holds NaN or infinite values", "replace them")
-    lo, hi = float(img.header.get("cal_min", 0)), float(img.header.get("cal_max", 0))
-    return data, ((lo, hi) if hi > lo else None)
+    return _Volume(key[0])
 
 
 def _nifti(path):
     return _nifti_cached(_key(path))
 
 
-def _nifti_axis(data, opts):
-    """The axis slices are taken along: a singleton axis (a 2-D image) wins, else --slice_axis."""
-    flat = [i for i, n in enumerate(data.shape) if n == 1]
-    return flat[-1] if flat else (opts.slice_axis if opts is not None else 2)
-
-
-def _nifti_slice(data, axis, k):
-    """Slice k of a canonical volume as a displayed image: rows from +axis at top, patient's right on the left."""
-    sl = np.take(data, k, axis=axis)  # the two other axes, in canonical (R, A, S) order
-    return sl.T[::-1, ::-1]
-
-
 def _values(src, opts=None):
     """Physical values of one source: (H, W) float64 for gray data, (H, W, 3) stored samples for colour."""
     kind = _kind(src)
     if kind == "nifti":
-        data, _ = _nifti(src.path)
-        axis = _nifti_axis(data, opts)
-        n = data.shape[axis]
+        vol = _nifti(src.path)
+        axis = vol.axis(opts)
+        n = vol.shape[axis]
         if src.index is None and n != 1:
             raise ImageError(src.path, f"is a volume of {n} slices; read it through imaging.Source slices (expand)")
-        return _nifti_slice(data, axis, src.index or 0)
+        if (src.index or 0) >= n:
+            raise ImageError(src.path, f"has no slice {src.index} along axis {axis} ({n} slices)")
+        return vol.slice(axis, src.index or 0)
     if kind == "dicom":
         arr = _dicom_pixels_cached(_key(src.path))
         if src.index is None and arr.shape[0] != 1:
@@ -409,7 +448,7 @@ def _own_window(src):
     if kind == "dicom":
         return _dicom_header(src.path)["window"]
     if kind == "nifti":
-        return _nifti(src.path)[1]
+        return _nifti(src.path).cal
     return None
 
 
@@ -429,13 +468,16 @@ def read(src, expand_palette=True, opts=None):
     src = as_source(src)
     kind = _kind(src)
     if kind == "2d":
-        raw = decode_raw(src.path, expand_palette)
-        if not expand_palette or raw[0].dtype in (np.uint8, np.bool_) or opts is None or not opts.windows_2d():
+        if not expand_palette or opts is None or not opts.windows_2d():
             return _decode(src.path, expand_palette)
-        window = opts.window or _fallback_window(src, opts)
-        x = apply_window(_values(src), window)
-        x = x[:, :, None] if x.ndim == 2 else x
-        return x, ImageInfo(raw[1], x.shape[2], raw[2], str(raw[0].dtype), raw[4])
+        raw, mode, alpha, rawmode, size = decode_raw(src.path)
+        if raw.dtype in (np.uint8, np.bool_):  # 8-bit: display values, never windowed
+            return _decode(src.path, expand_palette)
+        v = stored_values(raw, rawmode).astype(np.float64)
+        if not np.all(np.isfinite(v)):
+            raise ImageError(src.path, "holds NaN or infinite values", "replace them")
+        x = apply_window(v, opts.window or _fallback_window(src, opts))
+        return x, ImageInfo(mode, x.shape[2], alpha, str(raw.dtype), size)
     v = _values(src, opts)
     if kind == "dicom" and not _dicom_header(src.path)["gray"]:  # colour DICOM: display values
         info = np.iinfo(v.dtype) if np.issubdtype(v.dtype, np.integer) else None
@@ -470,9 +512,9 @@ def expand(files, opts=None, skip_empty=True):
         src = as_source(f)
         kind = _kind(src)
         if kind == "nifti":
-            data, _ = _nifti(src.path)
-            axis = _nifti_axis(data, opts)
-            n = data.shape[axis]
+            vol = _nifti(src.path)
+            axis = vol.axis(opts)
+            n = vol.shape[axis]
             if n == 1:
                 idx = [None]
             else:
@@ -481,7 +523,8 @@ def expand(files, opts=None, skip_empty=True):
                 if not idx:
                     raise ImageError(src.path, f"has {n} slices along axis {axis}: none in --slice_range {a}:{b}")
             if skip_empty:
-                idx = [k for k in idx if np.ptp(_nifti_slice(data, axis, k or 0)) > 0]
+                keep = vol.nonconstant(axis)
+                idx = [k for k in idx if keep[k or 0]]
                 if not idx:
                     raise ImageError(src.path, "is an empty volume (every slice in range is constant)",
                                      "remove it or widen --slice_range")
@@ -601,7 +644,7 @@ def _write_nifti(x, tmp, window, description):
         raise ValueError("nifti output is for 1-channel models; use png or png16 for colour")
     img = x[0].astype(np.float64)
     phys = img if window is None else window[0] + img * (window[1] - window[0])
-    data = phys[::-1, ::-1].T[:, :, None].astype(np.float32)  # inverse of _nifti_slice on a canonical volume
+    data = phys[::-1, ::-1].T[:, :, None].astype(np.float32)  # inverse of _Volume.slice on a RAS volume
     out = nib.Nifti1Image(data, np.eye(4))
     lo, hi = window if window is not None else (0.0, 1.0)
     out.header["cal_min"], out.header["cal_max"] = lo, hi
