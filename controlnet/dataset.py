@@ -2,12 +2,17 @@
 
     data_root/images/001.png  <->  data_root/masks/001.png         (same stem; extensions may differ)
     data_root/images/Img_001.png <-> data_root/masks/seg_001.png   (--image_prefix Img_ --mask_prefix seg_)
+    data_root/images/ct_001.nii.gz <-> data_root/masks/ct_001.nii.gz   (slice k with slice k; DICOM alike)
 
 Both follow the repository's one image rule (imaging.py, vendored; "How images are read" in the top
 README). Images become tensors in [-1, 1] with the LDM's channel count. Masks keep their stored values
 (scaled to [0, 1] by their type's maximum: 8-bit /255, 16-bit /65535; a palette mask keeps its indices
 /255, alpha is dropped) and use the same shorter-side resize + centre crop with nearest neighbour only,
 so they stay aligned with their images and no new value appears. Used by train.py and inference.py.
+DICOM / NIfTI files (medical.py, vendored) give one image per slice / frame (an imaging.Source whose stem
+is '<file stem>_<slice:04d>'), images read through the LDM's intensity window, masks as label maps
+(integers 0..255, / 255); constant image slices are skipped, and the mask slices that went with them are
+dropped (counted, not reported as unpaired).
 """
 import csv
 from pathlib import Path
@@ -15,13 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imaging import IMAGE_EXTENSIONS, ImageError, check_image, decode_image, read_pixels, resize_image, resize_mask
+import medical
+from imaging import (ALL_EXTENSIONS, IMAGE_EXTENSIONS, ImageError, Source, check_image, decode_image,
+                     read_pixels, resize_image, resize_mask)
 from imaging import list_images as _list_image_files
 from models import UserError
 
 IMAGE_EXTS = IMAGE_EXTENSIONS
-ONE_CHANNEL_MODES = ("1", "L", "LA", "P", "PA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-THREE_CHANNEL_MODES = ("RGB", "RGBA")
+ONE_CHANNEL_MODES = ("1", "L", "LA", "P", "PA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "NIfTI",
+                     "DICOM MONOCHROME1", "DICOM MONOCHROME2")
+THREE_CHANNEL_MODES = ("RGB", "RGBA", "DICOM RGB")
 
 
 def list_images(folder, what):
@@ -31,14 +39,23 @@ def list_images(folder, what):
         raise UserError(f"{what} {folder} is not a folder")
     files = _list_image_files(folder)
     if not files:
-        raise UserError(f"{what} {folder} has no images ({', '.join(IMAGE_EXTS)})")
+        raise UserError(f"{what} {folder} has no images ({', '.join(ALL_EXTENSIONS)})")
     seen = {}
     for p in files:
-        if p.stem in seen:
-            raise UserError(f"{what} {folder}: {seen[p.stem].name} and {p.name} share the stem '{p.stem}'; "
+        stem = Source(p).file_stem  # ct_001.nii.gz -> ct_001
+        if stem in seen:
+            raise UserError(f"{what} {folder}: {seen[stem].name} and {p.name} share the stem '{stem}'; "
                             f"keep one of them")
-        seen[p.stem] = p
+        seen[stem] = p
     return files
+
+
+def expand_sources(files, opts, what, skip_empty=True):
+    """medical.expand (one Source per 2-D file / slice / frame), an unusable file as UserError naming it."""
+    try:
+        return medical.expand(files, opts, skip_empty=skip_empty)
+    except ImageError as e:
+        raise UserError(f"{what} {e}") from None
 
 
 def _key(stem, prefix):
@@ -48,10 +65,22 @@ def _key(stem, prefix):
     return stem[len(prefix):] if stem.startswith(prefix) else None
 
 
-def pair_files(images_dir, masks_dir, image_prefix="", mask_prefix=""):
+def pair_files(images_dir, masks_dir, image_prefix="", mask_prefix="", opts=None):
     """Pair images with masks by stem (after removing the prefixes): (pairs, unpaired_images, unpaired_masks)."""
-    images = list_images(images_dir, "images folder")
-    masks = list_images(masks_dir, "masks folder")
+    return pair_slices(images_dir, masks_dir, image_prefix, mask_prefix, opts)[:3]
+
+
+def pair_slices(images_dir, masks_dir, image_prefix="", mask_prefix="", opts=None):
+    """pair_files over 2-D images / slices / frames (Sources) -> (pairs, unpaired images, unpaired masks, dropped).
+
+    Slice k of images/ct_001.nii.gz pairs with slice k of masks/ct_001.nii.gz (Source.stem); `dropped` are
+    the mask slices whose image slice was skipped as empty (constant): left out, not reported as unpaired."""
+    image_files = list_images(images_dir, "images folder")
+    images = expand_sources(image_files, opts, "image")
+    masks = expand_sources(list_images(masks_dir, "masks folder"), opts, "mask", skip_empty=False)
+    kept = set(images)
+    skipped = {_key(s.stem, image_prefix) for s in expand_sources(image_files, opts, "image", skip_empty=False)
+               if s not in kept} - {None}
     mask_by_key = {}
     unpaired_masks = []
     for m in masks:
@@ -65,8 +94,9 @@ def pair_files(images_dir, masks_dir, image_prefix="", mask_prefix=""):
             used.add(k)
         else:
             unpaired_images.append(im)
-    unpaired_masks += [m for k, m in mask_by_key.items() if k not in used]
-    return pairs, unpaired_images, sorted(unpaired_masks)
+    dropped = [m for k, m in mask_by_key.items() if k not in used and k in skipped]
+    unpaired_masks += [m for k, m in mask_by_key.items() if k not in used and k not in skipped]
+    return pairs, unpaired_images, sorted(unpaired_masks), dropped
 
 
 def describe_unpaired(unpaired_images, unpaired_masks, show=5):
@@ -89,19 +119,19 @@ def check_mask_mode(path, mode, mask_channels):
                         f"pass --mask_channels {ch} or convert the masks")
 
 
-def verify_file(path, what):
+def verify_file(path, what, opts=None):
     """Decode an image or mask fully (as training will); return its mode; UserError naming the file if unusable."""
     try:
-        return check_image(path, expand_palette=what != "mask").mode
+        return check_image(path, expand_palette=what != "mask", opts=opts).mode
     except ImageError as e:
         raise UserError(f"{what} {e}") from None
 
 
-def validate_pairs(pairs, mask_channels):
+def validate_pairs(pairs, mask_channels, opts=None):
     """Verify every image and mask header up front; check each mask's channel count."""
     for im, m in pairs:
-        verify_file(im, "image")
-        check_mask_mode(m, verify_file(m, "mask"), mask_channels)
+        verify_file(im, "image", opts)
+        check_mask_mode(m, verify_file(m, "mask", opts), mask_channels)
 
 
 def read_class_labels(csv_path, class_names):
@@ -124,26 +154,63 @@ def read_class_labels(csv_path, class_names):
             if name not in index:
                 raise UserError(f"--class_labels_csv {path} line {row_no}: unknown class '{name}'; the LDM's "
                                 f"classes are: {', '.join(class_names)}")
-            labels[Path(stem).stem] = index[name]
+            labels[Source(stem).file_stem] = index[name]  # ct_001.nii.gz -> ct_001
     if not labels:
         raise UserError(f"--class_labels_csv {path} has no rows")
     return labels
 
 
+def label_of(src, by_stem):
+    """The class of an image or slice from read_class_labels' dict: its own stem, else its file's (a volume)."""
+    return by_stem.get(src.stem, by_stem.get(src.file_stem))
+
+
+def read_options(args, ldm_intensity, stored, images):
+    """The ReadOptions training reads with: the LDM's window (a different --intensity_window is an error).
+
+    Slicing (--slice_axis, --slice_range, --group_regex) is this data set's own. On --resume the
+    checkpoint's stored options are used and other read flags are refused. An LDM without a window
+    (8-bit data, or older) leaves the window to this data (--intensity_window, fitted once on `images`)."""
+    try:
+        cli = medical.options_from_args(args)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if stored:
+        try:
+            return medical.resume_options(cli, stored)
+        except ValueError as e:
+            raise UserError(f"--resume: {e}") from None
+    base = medical.ReadOptions.from_config(ldm_intensity) if ldm_intensity else None
+    if base is not None and base.window is not None:
+        same = cli.mode == base.mode or (cli.window is not None and np.allclose(cli.window, base.window))
+        if cli.mode[0] != "auto" and not same:
+            lo, hi = base.window
+            raise UserError(f"--intensity_window {cli.spec} differs from the window the LDM was trained with "
+                            f"([{lo:g}, {hi:g}], {base.origin or base.spec}); the ControlNet reads images as its LDM "
+                            f"did: drop the flag (that window is used) or pass --intensity_window {lo:g},{hi:g}")
+        cfg = dict(base.to_config(), slice_axis=cli.slice_axis, group_regex=cli.group_regex,
+                   slice_range=list(cli.slice_range) if cli.slice_range else None)
+        return medical.ReadOptions.from_config(cfg)
+    try:
+        return cli.fit(images)
+    except (ValueError, ImageError) as e:
+        raise UserError(str(e)) from None
+
+
 # ------------------------------------------------------------------------------------------------- loading
-def load_image(path, channels, size):
+def load_image(path, channels, size, opts=None):
     """Image file -> float tensor (channels, size, size) in [-1, 1] (shorter side + centre crop, bilinear)."""
     try:
-        x = resize_image(decode_image(path, channels), size)
+        x = resize_image(decode_image(path, channels, opts), size)
     except ImageError as e:
         raise UserError(f"image {e}") from None
     return (x * 2 - 1).clamp(-1, 1).contiguous()
 
 
-def load_mask(path, channels, size):
+def load_mask(path, channels, size, opts=None):
     """Mask file -> float tensor (channels, size, size) in [0, 1]; nearest-neighbour resize keeps its values."""
     try:
-        arr = read_pixels(path, expand_palette=False)
+        arr = read_pixels(path, expand_palette=False, opts=opts)
     except ImageError as e:
         raise UserError(f"mask {e}") from None
     if arr.shape[2] != channels:
@@ -163,8 +230,8 @@ class PairDataset(torch.utils.data.Dataset):
     """Image/mask pairs; item key (index, epoch) draws flips for that epoch, a plain index does none."""
 
     def __init__(self, pairs, image_channels, mask_channels, image_size, labels=None, null_label=0,
-                 seed=0, hflip=False, vflip=False):
-        self.pairs, self.labels = list(pairs), labels
+                 seed=0, hflip=False, vflip=False, opts=None):
+        self.pairs, self.labels, self.opts = list(pairs), labels, opts
         self.image_channels, self.mask_channels, self.image_size = image_channels, mask_channels, image_size
         self.null_label, self.seed, self.hflip, self.vflip = null_label, seed, hflip, vflip
 
@@ -174,8 +241,8 @@ class PairDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, None)
         im_path, mask_path = self.pairs[index]
-        image = load_image(im_path, self.image_channels, self.image_size)
-        mask = load_mask(mask_path, self.mask_channels, self.image_size)
+        image = load_image(im_path, self.image_channels, self.image_size, self.opts)
+        mask = load_mask(mask_path, self.mask_channels, self.image_size, self.opts)
         if epoch is not None:
             h, v = flips_for(self.seed, epoch, index, self.hflip, self.vflip)
             dims = ([2] if h else []) + ([1] if v else [])
@@ -215,8 +282,23 @@ class EpochSampler(torch.utils.data.Sampler):
         return (self.batches_per_epoch() - self.start) * self.batch_size
 
 
-def split_indices(n, val_fraction, seed):
-    """Deterministic (train, val) index split; val gets round(n * fraction) items (at least 1 if fraction > 0)."""
-    n_val = 0 if val_fraction <= 0 else max(1, int(round(n * val_fraction)))
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(perm[n_val:]), sorted(perm[:n_val])
+def split_indices(n, val_fraction, seed, groups=None):
+    """Deterministic (train, val) index split; val gets about round(n * fraction) items (at least 1 if fraction > 0).
+
+    Whole groups only (medical.group_split): the slices of one patient / study / volume (`groups`, one key
+    per pair, from its image) never land on both sides; without groups every pair is its own group."""
+    groups = list(range(n)) if groups is None else list(groups)
+    try:
+        return medical.group_split(groups, [0] * n, val_fraction, seed)
+    except ValueError:
+        raise UserError(f"--val_fraction {val_fraction}: the {n} pairs come from {len(set(groups))} patient / "
+                        f"volume group(s); none can be held out whole for validation with training pairs left; "
+                        f"add patients or pass --val_fraction 0") from None
+
+
+def groups_of(pairs, opts):
+    """The patient / study / volume of every pair's image (medical.group_of); UserError for a --group_regex miss."""
+    try:
+        return [medical.group_of(im, opts) for im, _ in pairs]
+    except ImageError as e:
+        raise UserError(f"--group_regex: {e}") from None

@@ -8,6 +8,9 @@
 Writes OUTPUT_DIR/<checkpoint>-step<N>-<ema|raw>-<scheduler><steps>-scale<s>[-<class>-cfg<g>]/
 <mask_stem>[_<class>]_seed<seed>.png (image i of the run uses seed + i), comparisons/ (mask | generated) with
 --save_comparison and dice.csv with --report_dice. Existing images are never overwritten: a rerun skips them.
+--mask / --mask_folder may be NIfTI volumes or DICOM files: every slice is a mask (<file stem>_<slice:04d>,
+empty slices kept), sliced along the training run's --slice_axis unless given. --output_format png16 | nifti |
+dicom (medical.py) writes .png / .nii.gz / .dcm, nifti and dicom in the training window's physical units.
 """
 import csv
 import io
@@ -18,7 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dataset import IMAGE_EXTS, check_mask_mode, list_images, load_mask, read_class_labels, verify_file
+import medical
+from dataset import (check_mask_mode, expand_sources, label_of, list_images, load_mask, read_class_labels,
+                     verify_file)
+from imaging import ALL_EXTENSIONS, decode_image, is_image_file
 from models import (SCHEDULERS, ClassEmbedder, ControlledUNet, DummyEncoder, UserError, check_same_ldm, decode,
                     initial_latents, load_flagged_checkpoint, load_ldm, make_sampler, sample)
 from runtime import (FlagParser, atomic_write_text, autocast, autocast_dtype, pick_device, resolve_precision,
@@ -57,6 +63,9 @@ def parse_args(argv=None):
     add("dice_threshold", default="otsu", help="'otsu' or a grey level in [0, 1] for the image foreground")
     add("dice_foreground", default="bright", choices=("bright", "dark"), help="which side of the threshold")
     add("trust_checkpoint", action="store_true", help="allow checkpoints that hold pickled Python objects")
+    add("slice_axis", default=None, help="NIfTI masks: axial, coronal or sagittal slices (default: as in training)")
+    add("slice_range", default=None, metavar="START:END", help="NIfTI masks: only these slices (default: all)")
+    medical.add_output_flag(p)  # --output_format png | png16 | nifti | dicom
     args = p.parse_args(argv)
     for flag, ok in (("num_images", args.num_images >= 1), ("controlnet_scale", args.controlnet_scale >= 0),
                      ("num_inference_steps", args.num_inference_steps >= 1), ("batch_size", args.batch_size >= 1),
@@ -131,15 +140,25 @@ def generate(args):
     from tqdm import tqdm
 
     if args.mask:
-        if Path(args.mask).suffix.lower() not in IMAGE_EXTS or not Path(args.mask).is_file():
-            raise UserError(f"--mask {args.mask} is not an image file ({', '.join(IMAGE_EXTS)})")
-        masks = [Path(args.mask)]
+        if not is_image_file(args.mask) or not Path(args.mask).is_file():
+            raise UserError(f"--mask {args.mask} is not an image file ({', '.join(ALL_EXTENSIONS)})")
+        files = [Path(args.mask)]
     else:
-        masks = list_images(args.mask_folder, "--mask_folder")
+        files = list_images(args.mask_folder, "--mask_folder")
     model, ldm, ck = load_controlnet(args)
+    trained = medical.ReadOptions.from_config((ck.get("config") or {}).get("intensity") or ldm.intensity)
+    try:  # masks are label maps: only the slicing matters (the training run's axis unless given)
+        opts = medical.ReadOptions("auto", args.slice_axis or str(trained.slice_axis), args.slice_range)
+    except ValueError as e:
+        raise UserError(f"--{'slice_axis' if 'axis' in str(e) else 'slice_range'}: {e}") from None
+    masks = expand_sources(files, opts, "mask", skip_empty=False)
     mc = int(ck["mask_channels"])
     for m in masks:  # every mask checked before any work or write
-        check_mask_mode(m, verify_file(m, "mask"), mc)
+        check_mask_mode(m, verify_file(m, "mask", opts), mc)
+    fmt, window = args.output_format, trained.window  # outputs in the training data's units
+    if fmt == "nifti" and ldm.image_channels != 1:
+        raise UserError(f"--output_format nifti needs a 1-channel model; this LDM makes {ldm.image_channels}-channel "
+                        f"images (use png, png16 or dicom)")
     class_names = ldm.class_names
     per_mask = [None] * len(masks)
     if args.class_label is not None or args.class_labels_csv:
@@ -153,10 +172,10 @@ def generate(args):
             per_mask = [class_names.index(args.class_label)] * len(masks)
         else:
             by_stem = read_class_labels(args.class_labels_csv, class_names)
-            missing = [m.name for m in masks if m.stem not in by_stem]
+            missing = [m.name for m in masks if label_of(m, by_stem) is None]
             if missing:
                 raise UserError(f"--class_labels_csv has no class for {len(missing)} mask(s): {', '.join(missing[:5])}")
-            per_mask = [by_stem[m.stem] for m in masks]
+            per_mask = [label_of(m, by_stem) for m in masks]
     null = ldm.num_classes
 
     device = pick_device("auto")
@@ -189,7 +208,8 @@ def generate(args):
         for j in range(args.num_images):
             seed = args.seed + mi * args.num_images + j
             jobs.append((mi, seed, f"{m.stem}{cls}_seed{seed}.png"))
-    todo = [j for j in jobs if not (out / j[2]).exists()]
+    target = (lambda name: out / name) if fmt == "png" else (lambda name: medical.output_path(out / name, fmt))
+    todo = [j for j in jobs if not target(j[2]).exists()]
     print(f"{len(jobs)} image(s) for {len(masks)} mask(s) -> {out} ({len(jobs) - len(todo)} already there, "
           f"skipped); {args.scheduler} {args.num_inference_steps} steps, controlnet_scale {args.controlnet_scale:g}"
           f", device {device}")
@@ -201,7 +221,7 @@ def generate(args):
     def mask_of(mi):
         if mi not in mask_cache:
             mask_cache.clear()  # masks come in order: keep only the current one in memory
-            mask_cache[mi] = load_mask(masks[mi], mc, size)
+            mask_cache[mi] = load_mask(masks[mi], mc, size, opts)
         return mask_cache[mi]
 
     t0 = time.time()
@@ -221,13 +241,19 @@ def generate(args):
             imgs = decode(ldm.vae, x.float(), ldm.scaling_factor, ldm.image_channels).cpu()
         n_batches += 1
         for (mi, seed, name), img, m in zip(batch, imgs, mask_t.cpu()):
-            write_png_new(to_uint8(img), out / name)
+            if fmt == "png":
+                write_png_new(to_uint8(img), out / name)
+            else:  # settings only in the file: never a mask's or a training file's name
+                desc = (f"synthetic ControlNet image; mask {mi}; seed {seed}; {args.scheduler} "
+                        f"{args.num_inference_steps} steps; controlnet_scale {args.controlnet_scale:g}; step {step}"
+                        + ("" if per_mask[mi] is None else f"; class {class_names[per_mask[mi]]}"))
+                medical.write_image_once((img.float().clamp(-1, 1) + 1) / 2, out / name, fmt, window, desc)
             if args.save_comparison:
                 write_png_new(comparison(m, img), out / "comparisons" / name)
     elapsed = time.time() - t0
 
     if args.report_dice:
-        report_dice(args, jobs, masks, mc, size, out, class_names, per_mask)
+        report_dice(args, jobs, masks, mc, size, out, class_names, per_mask, target, opts)
     print(f"Generated {len(todo)} image(s): {timing_summary(len(todo), args.num_inference_steps, elapsed)} "
           f"({n_batches} batch(es) of up to {args.batch_size})")
     print(f"Images in {out}" + (f"; comparisons (mask | generated) in {out / 'comparisons'}"
@@ -247,14 +273,18 @@ def comparison(mask, img):
     return to_uint8(both)
 
 
-def report_dice(args, jobs, masks, mc, size, out, class_names, per_mask):
+def report_dice(args, jobs, masks, mc, size, out, class_names, per_mask, target=None, opts=None):
     """Dice between each mask's foreground (any non-zero value) and its image's thresholded foreground."""
     rows = []
     for mi, seed, name in jobs:
-        gray = np.asarray(Image.open(out / name).convert("L"))
+        path = out / name if target is None else target(name)
+        if path.suffix.lower() == ".png" and args.output_format == "png":
+            gray = np.asarray(Image.open(path).convert("L"))
+        else:  # png16 / NIfTI / DICOM: back to [0, 1] through the file's own window, then 8-bit levels
+            gray = np.round(decode_image(path, 1)[0].numpy() * 255).astype(np.uint8)
         thr = otsu_threshold(gray) if args.dice_threshold == "otsu" else round(float(args.dice_threshold) * 255)
         img_fg = gray > thr if args.dice_foreground == "bright" else gray <= thr
-        mask_fg = (load_mask(masks[mi], mc, size) > 0).any(0).numpy()
+        mask_fg = (load_mask(masks[mi], mc, size, opts) > 0).any(0).numpy()
         d = dice(mask_fg, img_fg)
         cls = "" if per_mask[mi] is None else class_names[per_mask[mi]]
         rows.append({"image": name, "mask": str(masks[mi]), "seed": seed, "class": cls, "threshold": thr,

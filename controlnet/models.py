@@ -258,6 +258,8 @@ def load_ldm(path, trust=False, vae_override=None, use_ema=True):
     ldm.image_size = int(ck["image_size"])
     ldm.image_channels = int(ck["image_channels"])
     ldm.noise_scheduler_config = dict(ck["noise_scheduler_config"])
+    cfg = ck.get("config")  # optional: the intensity window the LDM's images were read with (None: 8-bit / older)
+    ldm.intensity = cfg.get("intensity") if isinstance(cfg, dict) and isinstance(cfg.get("intensity"), dict) else None
     ldm.vae_factor = 2 ** (len(ldm.vae.config.block_out_channels) - 1)
     ldm.latent_channels = int(ldm.vae.config.latent_channels)
     ldm.latent_size = ldm.image_size // ldm.vae_factor

@@ -17,8 +17,9 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from dataset import (EpochSampler, PairDataset, describe_unpaired, pair_files, read_class_labels, split_indices,
-                     validate_pairs)
+import medical
+from dataset import (EpochSampler, PairDataset, describe_unpaired, groups_of, label_of, pair_slices, read_class_labels,
+                     read_options, split_indices, validate_pairs)
 from models import (SCHEDULERS, ControlledUNet, DummyEncoder, UserError, build_controlnet, check_same_ldm, decode,
                     encode, initial_latents, load_flagged_checkpoint, load_ldm, make_sampler, noise_scheduler, plain,
                     sample, training_target)
@@ -83,6 +84,7 @@ def parse_args(argv=None):
     a("--sample_scheduler", default="ddim", choices=SCHEDULERS)
     add_resume_flag(p)
     a("--trust_checkpoint", action="store_true", help="allow checkpoints that hold pickled Python objects")
+    medical.add_read_flags(p)  # --intensity_window (must match the LDM's), --slice_axis, --slice_range, --group_regex
     args = p.parse_args(argv)
     for flag, ok in (("batch_size", args.batch_size >= 1), ("num_epochs", args.num_epochs >= 1),
                      ("learning_rate", args.learning_rate > 0), ("ema_decay", 0 <= args.ema_decay < 1),
@@ -104,12 +106,18 @@ def main(argv=None):
 
 # ---------------------------------------------------------------------------------------------- inputs
 def prepare_inputs(args):
-    """Every check of the inputs that needs no process group -> (pairs, labels, ldm, resume); writes nothing."""
+    """Every check of the inputs that needs no process group -> (pairs, labels, ldm, resume, data); writes nothing.
+
+    `data`: the ReadOptions (the LDM's window), each pair's patient / volume group, the dropped mask slices."""
     root = Path(args.data_root)
     if not root.is_dir():
         raise UserError(f"--data_root {root} is not a folder")
-    pairs, un_i, un_m = pair_files(root / args.images_folder, root / args.masks_folder,
-                                   args.image_prefix, args.mask_prefix)
+    try:
+        cli = medical.options_from_args(args)  # the slicing; the window is settled below, with the LDM's
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    pairs, un_i, un_m, dropped = pair_slices(root / args.images_folder, root / args.masks_folder,
+                                             args.image_prefix, args.mask_prefix, cli)
     if un_i or un_m:
         msg = describe_unpaired(un_i, un_m)
         if not pairs:
@@ -117,16 +125,15 @@ def prepare_inputs(args):
         if not args.skip_unpaired:
             raise UserError(f"{msg}. Fix the names (or --image_prefix/--mask_prefix), or pass --skip_unpaired "
                             f"to train on the {len(pairs)} pairs found")
-    validate_pairs(pairs, args.mask_channels)
     ldm = load_ldm(args.ldm_checkpoint, args.trust_checkpoint, args.vae)
     labels = None
     if args.class_labels_csv:
         by_stem = read_class_labels(args.class_labels_csv, ldm.class_names)
-        missing = [im for im, _ in pairs if im.stem not in by_stem]
+        missing = [im for im, _ in pairs if label_of(im, by_stem) is None]
         if missing:
             raise UserError(f"--class_labels_csv {args.class_labels_csv} has no class for {len(missing)} image(s): "
                             + ", ".join(p.name for p in missing[:5]))
-        labels = [by_stem[im.stem] for im, _ in pairs]
+        labels = [label_of(im, by_stem) for im, _ in pairs]
     last = Path(args.output_dir) / LAST
     path = resolve_resume(args.resume, last if last.is_file() else None)
     resume = None
@@ -143,12 +150,16 @@ def prepare_inputs(args):
     elif last.exists():
         raise UserError(f"--output_dir {args.output_dir} already holds a run ({LAST}); pass --resume "
                         f"to continue it or choose another --output_dir")
-    return pairs, labels, ldm, resume
+    stored = (resume.get("config") or {}).get("intensity") if resume else None
+    opts = read_options(args, ldm.intensity, stored, [im for im, _ in pairs])
+    validate_pairs(pairs, args.mask_channels, opts)
+    data = SimpleNamespace(opts=opts, groups=groups_of(pairs, opts), dropped=dropped)
+    return pairs, labels, ldm, resume, data
 
 
-def check_run_folder(args, n_pairs, world):
+def check_run_folder(args, n_pairs, world, groups=None):
     """The checks that need the world size, then --output_dir proven writable (created) before heavy work."""
-    n_train = len(split_indices(n_pairs, args.val_fraction, args.seed)[0])
+    n_train = len(split_indices(n_pairs, args.val_fraction, args.seed, groups)[0])
     if n_train < args.batch_size * world:
         raise UserError(f"{n_train} training pairs are fewer than one global batch "
                         f"(--batch_size {args.batch_size} x {world} processes); lower --batch_size")
@@ -203,11 +214,11 @@ def build(args, accelerator, ldm, labels, resume, log):
         sched=noise_scheduler(ldm.noise_scheduler_config), out=Path(args.output_dir), writer=None)
 
 
-def make_loader(args, pairs, labels, ldm, world, rank):
+def make_loader(args, pairs, labels, ldm, world, rank, data=None):
     """(dataset, epoch sampler, loader, train indices, validation indices) of this rank."""
-    train_idx, val_idx = split_indices(len(pairs), args.val_fraction, args.seed)
+    train_idx, val_idx = split_indices(len(pairs), args.val_fraction, args.seed, data.groups if data else None)
     ds = PairDataset(pairs, ldm.image_channels, args.mask_channels, ldm.image_size, labels, ldm.num_classes,
-                     args.seed, args.random_flip, args.vflip)
+                     args.seed, args.random_flip, args.vflip, data.opts if data else None)
     sampler = EpochSampler(train_idx, args.batch_size, world, rank, args.seed)
     gpu = torch.cuda.is_available()
     workers = args.num_workers if args.num_workers is not None else (4 if gpu else 0)
@@ -258,7 +269,8 @@ def checkpoint_state(run, epoch, pos, step, best, val_loss):
             "optimizer": run.optimizer.state_dict(), "lr_scheduler": run.lr_sched.state_dict(),
             "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
             "global_step": step, "epoch": epoch, "step_in_epoch": pos, "best_val_loss": best, "val_loss": val_loss,
-            "config": plain(vars(a)), "world_size": acc.num_processes, "rng_states": gather_object([rng_state()])}
+            "config": plain({**vars(a), "intensity": run.opts.to_config()}), "world_size": acc.num_processes,
+            "rng_states": gather_object([rng_state()])}
 
 
 def save_checkpoint(run, name, epoch, pos, step, best, val_loss=None):
@@ -280,7 +292,7 @@ def train(args):
     from accelerate import Accelerator  # imported here so `--help` and flag errors stay fast
     from accelerate.utils import set_seed  # seeds only: exact resume restores runtime.rng_state() instead
 
-    pairs, labels, ldm, resume = prepare_inputs(args)  # bad input fails here, before any process group or write
+    pairs, labels, ldm, resume, data = prepare_inputs(args)  # bad input fails here, before any process group or write
     cuda = torch.cuda.is_available()
     precision = resolve_precision(args.mixed_precision, torch.device("cuda" if cuda else "cpu"))
     # cpu=True without CUDA: under `accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine a
@@ -288,7 +300,7 @@ def train(args):
     # trains on all the data and writes the files); cpu=True makes it a real 2-process gloo run (MULTI_CPU).
     accelerator = Accelerator(cpu=not cuda, mixed_precision=precision)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    check_run_folder(args, len(pairs), world)
+    check_run_folder(args, len(pairs), world, data.groups)
     out = Path(args.output_dir)
     if accelerator.is_main_process:
         (out / "samples").mkdir(parents=True, exist_ok=True)
@@ -296,12 +308,18 @@ def train(args):
     accelerator.wait_for_everyone()
     log = get_logger(out, rank, "controlnet")
     log.info(f"world size {world} ({accelerator.distributed_type}), device {device}, mixed precision {precision}")
-    ds, sampler, loader, train_idx, val_idx = make_loader(args, pairs, labels, ldm, world, rank)
+    ds, sampler, loader, train_idx, val_idx = make_loader(args, pairs, labels, ldm, world, rank, data)
     log.info(f"{len(pairs)} pairs ({len(train_idx)} train / {len(val_idx)} val), image {ldm.image_size}px x "
              f"{ldm.image_channels} ch, mask {args.mask_channels} ch, latent {ldm.latent_channels}x"
              f"{ldm.latent_size}x{ldm.latent_size} (VAE factor {ldm.vae_factor})")
+    for line in medical.describe_data([im for im, _ in pairs], labels, ldm.class_names if labels else None, data.opts):
+        log.info(f"data: {line}")
+    if data.dropped:
+        log.info(f"data: {len(data.dropped)} mask slice(s) left out because their image slice is empty (constant), "
+                 f"e.g. {data.dropped[0].name}; they are not counted as unpaired")
     set_seed(args.seed * world + rank)  # per-rank streams (the ControlNet's init too); a resume restores them
     run = build(args, accelerator, ldm, labels, resume, log)
+    run.opts = data.opts  # stored in every checkpoint ("intensity"): inference maps outputs back through it
     step, start_epoch, start_pos, best = restore(run, resume, world, rank, log)
     last_good = f"{resume['path']} (step {step})" if resume else "none written yet"
     del resume

@@ -5,15 +5,18 @@
 Images come out as float tensors in [-1, 1], decoded, resized and centre-cropped to a square `image_size`
 by the repository's one image rule (imaging.py, vendored; see "How images are read" in the top README):
 integers / their type's maximum, float must be in [0, 1], alpha dropped, RGB -> gray by ITU-R 601 luma.
-Grayscale stays 1 channel, colour is 3 channels (`channels="auto"` picks from the data). The whole
-folder is decoded once up front, so a corrupt file is named before any training starts. Used by
-train.py; there is nothing to run here.
+Grayscale stays 1 channel, colour is 3 channels (`channels="auto"` picks from the data). DICOM and NIfTI
+files (medical.py, vendored) become one image per 2-D file, DICOM frame or NIfTI slice, read through the
+intensity window (medical.ReadOptions, fitted once on the whole folder). The whole folder is decoded once
+up front, so a corrupt file is named before any training starts. Used by train.py; there is nothing to
+run here.
 """
 from pathlib import Path
 
 import torch
 
-from imaging import IMAGE_EXTENSIONS, ImageError, check_image, decode_image, list_images, resize_image
+import medical
+from imaging import ALL_EXTENSIONS, ImageError, check_image, decode_image, is_image_file, list_images, resize_image
 from utils import UserError
 
 
@@ -22,16 +25,28 @@ def _list_images(folder):
     return list_images(folder, recursive=True)
 
 
-def _verify(path):
-    """Decode one image file; return its ImageInfo or raise UserError naming it."""
+def _verify(src, opts=None):
+    """Decode one image (a file, slice or frame); return its ImageInfo or raise UserError naming it."""
     try:
-        return check_image(path)
+        return check_image(src, opts=opts)
     except ImageError as e:
         raise UserError(str(e)) from None
 
 
-def scan_folder(root, conditional=True, num_classes=None):
-    """Validate the data folder; return (files, labels, class_names, infos). Raises UserError."""
+def _expand(files, opts):
+    """One Source per 2-D file, DICOM frame and NIfTI slice; UserError naming a bad file."""
+    try:
+        return medical.expand(files, opts)
+    except ImageError as e:
+        raise UserError(str(e)) from None
+
+
+def scan_folder(root, conditional=True, num_classes=None, opts=None, fit=True):
+    """Validate the data folder; return (sources, labels, class_names, infos, opts). Raises UserError.
+
+    opts (medical.ReadOptions, default: the defaults) is fitted on the whole folder when `fit` (a new run);
+    a resumed run passes the stored window and fit=False."""
+    opts = opts if opts is not None else medical.ReadOptions()
     root = Path(root)
     if not root.exists():
         hint = " (edit args.dataset_path in launch() or pass --dataset-path)" if str(root) == "/path/to/dataset" else ""
@@ -40,7 +55,7 @@ def scan_folder(root, conditional=True, num_classes=None):
         raise UserError(f"--dataset-path {root} is not a folder")
     if conditional:
         class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        loose = [p for p in root.iterdir() if p.is_file() and is_image_file(p)]
         if not class_dirs:
             if loose:
                 raise UserError(f"--dataset-path {root} holds images but no class folders; a conditional "
@@ -48,9 +63,9 @@ def scan_folder(root, conditional=True, num_classes=None):
             raise UserError(f"--dataset-path {root} is empty: expected class folders {root}/<class_name>/*.png")
         files, labels = [], []
         for c, d in enumerate(class_dirs):
-            imgs = _list_images(d)
+            imgs = _expand(_list_images(d), opts)
             if not imgs:
-                raise UserError(f"class folder {d} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                raise UserError(f"class folder {d} has no images ({', '.join(sorted(ALL_EXTENSIONS))}); "
                                 f"add images or remove the folder")
             files += imgs
             labels += [c] * len(imgs)
@@ -59,13 +74,18 @@ def scan_folder(root, conditional=True, num_classes=None):
             raise UserError(f"--num-classes {num_classes} disagrees with {root}, which has {len(class_names)} "
                             f"class folders ({', '.join(class_names[:12])}{', ...' if len(class_names) > 12 else ''})")
     else:
-        files = _list_images(root)
+        files = _expand(_list_images(root), opts)
         if not files:
-            raise UserError(f"--dataset-path {root} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            raise UserError(f"--dataset-path {root} has no images ({', '.join(sorted(ALL_EXTENSIONS))})")
         labels = [0] * len(files)
         class_names = []
-    infos = [_verify(p) for p in files]
-    return files, labels, class_names, infos
+    if fit:
+        try:
+            opts = opts.fit(files)  # the window, fixed once from the whole training set
+        except (ImageError, ValueError) as e:
+            raise UserError(str(e)) from None
+    infos = [_verify(src, opts) for src in files]
+    return files, labels, class_names, infos, opts
 
 
 def channels_from_modes(infos):
@@ -73,21 +93,25 @@ def channels_from_modes(infos):
     return 1 if all(i.channels == 1 for i in infos) else 3
 
 
-def load_image(path, channels, image_size):
-    """Decode one file to a float tensor (channels, image_size, image_size) in [-1, 1]."""
+def load_image(src, channels, image_size, opts=None):
+    """Decode one image (file, slice or frame) to a float tensor (channels, image_size, image_size) in [-1, 1]."""
     try:
-        x = resize_image(decode_image(path, channels), image_size)
+        x = resize_image(decode_image(src, channels, opts), image_size)
     except ImageError as e:
         raise UserError(str(e)) from None
     return (x * 2.0 - 1.0).clamp(-1.0, 1.0).contiguous()
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """Validated list of (file, label); items are (image in [-1,1], label, index)."""
+    """Validated list of (image source, label); items are (image in [-1,1], label, index).
 
-    def __init__(self, root, image_size, channels="auto", conditional=True, num_classes=None):
+    `files` holds one imaging.Source per image (a file, or a slice / frame of one); `opts` the fitted
+    medical.ReadOptions the images are read with (stored in checkpoints under "intensity")."""
+
+    def __init__(self, root, image_size, channels="auto", conditional=True, num_classes=None, opts=None, fit=True):
         self.root = Path(root)
-        self.files, self.labels, self.class_names, infos = scan_folder(root, conditional, num_classes)
+        self.files, self.labels, self.class_names, infos, self.opts = scan_folder(root, conditional, num_classes,
+                                                                                  opts, fit)
         self.channels = channels_from_modes(infos) if channels == "auto" else int(channels)
         self.image_size = image_size
 
@@ -95,7 +119,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        return load_image(self.files[i], self.channels, self.image_size), self.labels[i], i
+        return load_image(self.files[i], self.channels, self.image_size, self.opts), self.labels[i], i
 
 
 def flip_mask(indices, seed, epoch):

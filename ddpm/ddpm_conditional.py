@@ -30,6 +30,9 @@ def launch(**overrides):
     args.device = "cuda"  # falls back to the CPU with a warning when there is no GPU
     args.lr = 3e-4
     args.cfg_dropout = 0.1  # share of labels replaced by "no class" (classifier-free guidance)
+    # DICOM / NIfTI (and 16-bit with a named window): "auto" (the files' own window), "-160,240" (HU), a preset
+    # such as "abdomen" or "lung", or percentiles "p1,p99"; fixed once on the data and stored in the checkpoint
+    args.intensity_window = "auto"
     vars(args).update(overrides)
     return run_main(train, args)
 

@@ -9,8 +9,8 @@
     python ddpm_conditional_ddp.py --mode sample --ckpt ./models/DDPM_conditional/ema_ckpt.pt \
         --num-samples 100 --class-labels 0 1 2 3 --cfg-scale 3
 
-train_ddp takes the flags of train.py, sample_ddp / sample those of inference.py (`--help` after
-`--mode X` lists them). `sample` additionally writes grids to <output-dir>_grids/. Every mode also runs
+train_ddp takes the flags of train.py (DICOM / NIfTI data: `--intensity-window -160,240` ...), sample_ddp /
+sample those of inference.py (`--output-format png|png16|nifti|dicom`; `--help` after `--mode X` lists them). `sample` additionally writes grids to <output-dir>_grids/. Every mode also runs
 as a single plain `python` process.
 """
 import sys

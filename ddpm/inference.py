@@ -14,6 +14,10 @@ Image i of a run is class `labels[i % len(labels)]` with seed `--seed + i`, writ
 `<class_name>_seed<seed>.png` (into `<output-dir>/<class_name>/` with --class-subfolders). Existing files are
 never overwritten: a rerun skips them, so an interrupted run is completed by running it again. The output
 folder remembers its settings (settings.json) and refuses samples made with other settings.
+
+`--output-format png` (default, 8-bit), `png16`, `nifti` (`.nii.gz`, 1-channel models: values mapped back
+through the checkpoint's intensity window, e.g. to HU) or `dicom` (`.dcm`, secondary capture with new UIDs;
+nothing is copied from any training file). Grids are made for png output only.
 """
 import json
 import time
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+import medical
 import runtime as rt
 from models import Diffusion, count_parameters, rebuild_model
 from runtime import UserError
@@ -53,6 +58,7 @@ def add_sample_args(p):
     add("channels-last", action="store_true", help="channels_last memory format")
     add("device", default="auto", help="auto (default), cpu, cuda")
     add("trust-checkpoint", action="store_true", help="allow loading a pickled (non-plain) checkpoint")
+    medical.add_output_flag(p)  # --output_format png | png16 | nifti | dicom
     return p
 
 
@@ -79,7 +85,7 @@ def load_model(ckpt, use_ema=False, trust=False):
                           "time_dim": cfg["time_dim"], "base_channels": cfg["base_channels"],
                           "num_classes": cfg["num_classes"]},
                 "diffusion": {k: cfg[k] for k in ("noise_steps", "schedule", "beta_start", "beta_end")},
-                "class_names": obj.get("class_names", []), "train": cfg}
+                "class_names": obj.get("class_names", []), "intensity": cfg.get("intensity"), "train": cfg}
         weights, wpath = obj["ema" if use_ema else "model"], ckpt
     else:
         if not _is_state_dict(obj):
@@ -148,6 +154,14 @@ def image_path(out, i, seed, labels, class_names, subfolders):
     return (out / name if subfolders else out) / f"{name}_seed{seed + i}.png"
 
 
+def description(i, seed, labels, class_names, args, steps, ckpt_tag):
+    """What a NIfTI / DICOM file says about itself: model, class, seed, sampler (never a training file name)."""
+    cls = f"class {class_names[labels[i % len(labels)]]}; " if labels is not None else ""
+    eta = args.eta if args.eta is not None else (1.0 if args.sampler == "ddpm" else 0.0)
+    return (f"synthetic DDPM sample; {cls}seed {seed + i}; {args.sampler} {steps} steps, eta {eta:g}, "
+            f"cfg {args.cfg_scale:g}; model {ckpt_tag}")
+
+
 def write_grids(out, grid_dir, labels, class_names, subfolders, seed, num_samples):
     """Assemble grids from the written files (no re-sampling): one per class and all_classes.png."""
     import numpy as np
@@ -199,6 +213,14 @@ def sample(args):
     steps = args.sampling_steps or (d["noise_steps"] if args.sampler == "ddpm" else min(50, d["noise_steps"]))
     if not 1 <= steps <= d["noise_steps"]:
         raise UserError(f"--sampling-steps {steps} must be between 1 and the model's {d['noise_steps']} noise steps")
+    fmt = args.output_format
+    if fmt == "nifti" and m["c_in"] != 1:
+        raise UserError(f"--output-format nifti writes one value per voxel, but {args.ckpt} makes {m['c_in']}-channel "
+                        f"(colour) images: use --output-format png, png16 or dicom")
+    try:
+        window = medical.ReadOptions.from_config(info.get("intensity")).window  # None: 8-bit data, [0, 1] out
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{args.ckpt}: its stored intensity window is unreadable ({e})") from None
     ckpt_tag = f"{Path(args.ckpt).parent.name}_{Path(wpath).stem}{'_ema' if args.use_ema and wpath.name == 'train_state.pt' else ''}"
     out = Path(args.output_dir or f"samples/{ckpt_tag}_{args.sampler}{steps}_cfg{args.cfg_scale:g}_seed{args.seed}")
     settings = {"model_type": MODEL_TYPE, "weights": str(Path(wpath).resolve()), "use_ema": bool(args.use_ema),
@@ -222,6 +244,9 @@ def sample(args):
     diffusion = Diffusion(d["noise_steps"], d["beta_start"], d["beta_end"], m["img_size"], device, d["schedule"],
                           m["c_in"])
     logger.info(f"loaded {wpath} ({describe(info)}, {count_parameters(model):,} parameters); world size {world}")
+    if fmt in ("nifti", "dicom"):
+        logger.info(f"{fmt} output in the training data's units: " + (
+            f"intensity window [{window[0]:g}, {window[1]:g}]" if window else "no window stored (8-bit data): 0..1"))
     if rank == 0:
         rt.atomic_write_text(json.dumps(settings, indent=2), settings_path)
         if labels is not None and args.class_subfolders:
@@ -229,8 +254,11 @@ def sample(args):
                 (out / class_names[c]).mkdir(parents=True, exist_ok=True)
     rt.barrier()
 
+    def target(i):  # the file of image i in the chosen format (.png, .nii.gz, .dcm)
+        return medical.output_path(image_path(out, i, args.seed, labels, class_names, args.class_subfolders), fmt)
+
     mine = [i for i in range(rank, args.num_samples, world)]
-    todo = [i for i in mine if not image_path(out, i, args.seed, labels, class_names, args.class_subfolders).exists()]
+    todo = [i for i in mine if not target(i).exists()]
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), desc=f"rank {rank} images", disable=rank != 0)
@@ -240,10 +268,14 @@ def sample(args):
         y = torch.tensor([labels[i % len(labels)] for i in chunk], device=device) if labels is not None else None
         imgs = diffusion.sample(model, len(chunk), labels=y, cfg_scale=args.cfg_scale, sampler=args.sampler,
                                 steps=steps, seeds=[args.seed + i for i in chunk], eta=args.eta, progress=False,
-                                autocast_dtype=amp_dtype, channels_last=args.channels_last)
+                                autocast_dtype=amp_dtype, channels_last=args.channels_last, as_float=fmt != "png")
         for i, img in zip(chunk, imgs.cpu()):
-            written += rt.save_png_once(rt.to_pil(img), image_path(out, i, args.seed, labels, class_names,
-                                                                   args.class_subfolders))
+            if fmt == "png":
+                written += rt.save_png_once(rt.to_pil(img), image_path(out, i, args.seed, labels, class_names,
+                                                                       args.class_subfolders))
+            else:
+                written += medical.write_image_once(img, target(i), fmt, window, description(
+                    i, args.seed, labels, class_names, args, steps, ckpt_tag)) is not None
         bar.update(len(chunk))
     bar.close()
     elapsed = time.perf_counter() - start
@@ -258,7 +290,9 @@ def sample(args):
     if rank == 0:
         logger.info(f"images: {out.resolve()}" + (" (one folder per class)" if args.class_subfolders else ""))
         grid_dir = Path(args.grid_dir) if args.grid_dir else (Path(str(out) + "_grids") if args.save_grid else None)
-        if grid_dir is not None:
+        if grid_dir is not None and fmt != "png":
+            logger.info(f"no grids: they are made for --output-format png only (this run wrote {fmt})")
+        elif grid_dir is not None:
             grids = write_grids(out, grid_dir, labels, class_names, args.class_subfolders, args.seed,
                                 args.num_samples)
             logger.info(f"grids: {', '.join(str(g) for g in grids[-1:])} and {len(grids) - 1} more in {grid_dir}")

@@ -412,8 +412,8 @@ class Diffusion:
 
     @torch.no_grad()
     def sample(self, model, n, labels=None, cfg_scale=3, sampler="ddpm", steps=None, seeds=None, eta=None,
-               log_time=False, progress=True, autocast_dtype=None, channels_last=False):
-        """Generate n images; returns uint8 (n, C, H, W).
+               log_time=False, progress=True, autocast_dtype=None, channels_last=False, as_float=False):
+        """Generate n images; returns uint8 (n, C, H, W), or float32 in [0, 1] with as_float (16-bit / NIfTI output).
 
         sampler 'ddpm': ancestral sampling with the posterior variance (eta=1 on a respaced grid);
         sampler 'ddim': deterministic DDIM (eta=0) unless eta is given. steps defaults to all noise steps
@@ -471,4 +471,6 @@ class Diffusion:
         if log_time:
             print(f"sampled {n} images x {len(ts)} steps in {elapsed:.2f} s "
                   f"({elapsed / max(n, 1):.3f} s/image, {elapsed / max(len(ts), 1) * 1000:.1f} ms/step)")
+        if as_float:
+            return ((x.clamp(-1, 1) + 1) / 2).float()
         return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

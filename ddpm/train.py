@@ -5,6 +5,9 @@
     torchrun --nnodes=1 --nproc_per_node=4 train.py --dataset-path /path/to/data --image-size 64
     python train.py --dataset-path /path/to/data --resume            # continue models/<run_name>/
 
+DICOM / NIfTI / 16-bit data: `--intensity-window -160,240` (or a preset, `auto` by default), `--slice-axis`,
+`--slice-range` (medical.py); the window is fitted once on the data and stored in every checkpoint.
+
 One process (GPU or CPU) or torchrun DDP (nccl on GPU, gloo on CPU). Writes, under --work-dir (default .):
     models/<run_name>/ckpt.pt, ema_ckpt.pt   plain model state dicts (torch.load + load_state_dict)
     models/<run_name>/train_state.pt         everything --resume needs (optimizer, EMA, step, RNG, config)
@@ -14,6 +17,7 @@ The spec's entry points (ddpm.py, ddpm_conditional.py, ddpm_conditional_ddp.py) 
 Everything that is not DDPM-specific (flags, checkpoint I/O, seeds, precision, stop flags, EMA) is the
 vendored runtime.py.
 """
+import argparse
 import json
 import math
 import os
@@ -22,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import medical
 import runtime as rt
 from dataset import ImageFolderDataset, flip_mask
 from models import Diffusion, UNet, UNet_conditional
@@ -38,6 +43,7 @@ BASE_SETTINGS = dict(
     ckpt_every_steps=0, ckpt_every_epochs=1, sample_every_epochs=10, grid_images=16, max_minutes=0.0,
     sampler="ddpm", sampling_steps=None, cfg_scale=3.0, log_every_steps=50, num_workers=None, device="auto",
     compile=False, channels_last=False, num_classes=None,
+    intensity_window="auto", slice_axis="axial", slice_range=None, group_regex=None, window_16bit=False,
 )
 # Settings that define the network / noise process: a resumed run must keep them.
 ARCH_KEYS = ("image_size", "channels", "base_channels", "time_dim", "noise_steps", "schedule", "beta_start",
@@ -45,6 +51,8 @@ ARCH_KEYS = ("image_size", "channels", "base_channels", "time_dim", "noise_steps
 # Settings that define the optimisation trajectory: kept from the stored run on resume (a warning says so).
 TRAJECTORY_KEYS = ("batch_size", "learning_rate", "weight_decay", "lr_schedule", "warmup_steps", "grad_clip",
                    "ema_decay", "ema_start", "cfg_dropout", "random_flip", "seed", "mixed_precision")
+# How files are read (medical.add_read_flags): a resumed run keeps the stored window (a warning says so).
+READ_KEYS = ("intensity_window", "slice_axis", "slice_range", "group_regex", "window_16bit")
 # Settings a resumed run may change (data location, length, cadences, outputs, speed).
 RESUME_OVERRIDES = ("data_root", "num_epochs", "max_train_steps", "ckpt_every_steps", "ckpt_every_epochs",
                     "sample_every_epochs", "grid_images", "sampler", "sampling_steps", "cfg_scale",
@@ -111,6 +119,10 @@ def add_train_args(p):
     add("--channels_last", action="store_true", default=None, help="channels_last memory format")
     rt.add_resume_flag(p)
     add("--trust_checkpoint", action="store_true", help="allow loading a pickled (non-plain) checkpoint")
+    medical.add_read_flags(p)  # --intensity_window, --slice_axis, --slice_range, --group_regex
+    for action in p._actions:  # None = BASE_SETTINGS, or the stored run's (not set_defaults: launch() overrides)
+        if action.dest in READ_KEYS:
+            action.default = None
     return p
 
 
@@ -199,6 +211,15 @@ def resolve_config(args, stored=None):
     return cfg, warnings
 
 
+def read_options(settings):
+    """medical.ReadOptions of the read settings (--intensity-window ...); UserError naming a bad flag."""
+    try:
+        return medical.options_from_args(argparse.Namespace(**{k: settings.get(k, BASE_SETTINGS[k])
+                                                               for k in READ_KEYS}))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def prepare_run(args):
     """Check every input before any heavy work or writing -> (cfg, warnings, dataset, stored state, paths)."""
     work_dir = Path(getattr(args, "work_dir", None) or BASE_SETTINGS["work_dir"])
@@ -209,6 +230,7 @@ def prepare_run(args):
              "state": run_dir / "train_state.pt", "config": run_dir / "config.json",
              "results": work_dir / "results" / run_name, "tensorboard": work_dir / "runs" / run_name}
     resume = {True: "auto", False: None}.get(getattr(args, "resume", None), getattr(args, "resume", None))
+    given_read = read_options(given_settings(args))  # a bad --intensity-window is named before anything is loaded
     stored = None
     if resume is not None:
         paths["resume_from"] = rt.resolve_resume(resume, paths["state"])
@@ -219,13 +241,20 @@ def prepare_run(args):
                         f"--run-name")
     cfg, warnings = resolve_config(args, stored["config"] if stored else None)
     cfg["run_name"], cfg["work_dir"] = run_name, str(work_dir)
+    # A new run fits the window on its data once; a resumed run reads with the stored one (older runs: none).
+    stored_window = stored["config"].get("intensity") if stored is not None else None
+    try:  # a read flag that disagrees with the resumed run is refused (medical.resume_options)
+        opts = medical.resume_options(given_read, stored_window) if stored_window else read_options(cfg)
+    except ValueError as e:
+        raise UserError(f"--resume: {e}") from None
     dataset = ImageFolderDataset(cfg["data_root"], cfg["image_size"], cfg["channels"], cfg["conditional"],
-                                 cfg["num_classes"])
+                                 cfg["num_classes"], opts, fit=not stored_window)
     if stored is not None and dataset.class_names != stored["class_names"]:
         raise UserError(f"the classes of {cfg['data_root']} ({', '.join(dataset.class_names[:10])}) differ from "
                         f"the run being resumed ({', '.join(stored['class_names'][:10])})")
     cfg["channels"] = dataset.channels
     cfg["num_classes"] = len(dataset.class_names) if cfg["conditional"] else None
+    cfg["intensity"] = dataset.opts.to_config()  # in every checkpoint: inference maps outputs back through it
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if len(dataset) // world < cfg["batch_size"]:
         raise UserError(f"{cfg['data_root']} has {len(dataset)} images: too few for --batch-size "
@@ -277,7 +306,8 @@ def run_info(cfg, class_names, step, epoch):
     """The config.json written beside ckpt.pt: what inference needs to rebuild the model."""
     return {"model_type": MODEL_TYPE, "model": model_config(cfg, cfg["channels"], cfg["num_classes"]),
             "diffusion": {k: cfg[k] for k in ("noise_steps", "schedule", "beta_start", "beta_end")},
-            "class_names": class_names, "step": step, "epoch": epoch, "train": cfg}
+            "class_names": class_names, "intensity": cfg.get("intensity"), "step": step, "epoch": epoch,
+            "train": cfg}
 
 
 def build(cfg, dataset, rank, world, device, precision):
@@ -425,6 +455,8 @@ def log_header(logger, cfg, dataset, model, ema, world, device, per_epoch):
     logger.info(f"DDPM {'class-conditional' if cfg['conditional'] else 'unconditional'} run '{cfg['run_name']}': "
                 f"{len(dataset)} images, {cfg['image_size']}x{cfg['image_size']}x{cfg['channels']}"
                 + (f", {cfg['num_classes']} classes" if cfg["conditional"] else ""))
+    for line in medical.describe_data(dataset.files, dataset.labels, dataset.class_names, dataset.opts):
+        logger.info(f"data: {line}")
     logger.info(f"world size {world} ({'DDP ' + torch.distributed.get_backend() if rt.is_dist() else 'single process'}), "
                 f"device {device}, batch {cfg['batch_size']}/process = {cfg['batch_size'] * world} global, "
                 f"{per_epoch} steps/epoch, precision {cfg['mixed_precision']}")

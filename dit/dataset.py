@@ -6,7 +6,9 @@ Images become float tensors in [-1, 1] with the VAE's channel count (1 = graysca
 repository's one image rule (imaging.py, vendored; "How images are read" in the top README): integers /
 their type's maximum (16-bit never clipped), float must be in [0, 1], alpha dropped, shorter side resized
 (antialiased bilinear) and centre-cropped. Horizontal flips are decided by the sampler from (seed, epoch,
-index), so augmentation does not depend on DataLoader workers and survives a resume.
+index), so augmentation does not depend on DataLoader workers and survives a resume. DICOM and NIfTI files
+(medical.py, vendored) give one image per 2-D file, DICOM frame or NIfTI slice, read through the intensity
+window (medical.ReadOptions, fitted once on the whole data set; train.py stores it in every checkpoint).
 """
 import hashlib
 import json
@@ -17,45 +19,51 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from imaging import IMAGE_EXTENSIONS, ImageError, check_image, decode_image, list_images, resize_image
+import medical
+from imaging import (ALL_EXTENSIONS, ImageError, check_image, decode_image, is_image_file, list_images,
+                     resize_image)
 from utils import UserError
 
 
-def scan_class_folders(root):
-    """(class_names, [(path, label)]) of an ImageNet-style folder; UserError on an unusable folder."""
+def scan_class_folders(root, opts=None):
+    """(class_names, [(imaging.Source, label)]) of an ImageNet-style folder, one Source per 2-D file, DICOM
+    frame or NIfTI slice; UserError on an unusable folder."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"--data-path {root} is not a folder")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        loose = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
+        loose = [p for p in root.iterdir() if p.is_file() and is_image_file(p)]
         hint = " (images must sit in one sub-folder per class)" if loose else ""
         raise UserError(f"--data-path {root} has no class folders{hint}")
     samples = []
     for label, name in enumerate(classes):
-        files = list_images(root / name, recursive=True)
+        try:
+            files = medical.expand(list_images(root / name, recursive=True), opts)
+        except ImageError as e:
+            raise UserError(str(e)) from None
         if not files:
-            raise UserError(f"class folder {root / name} has no images ({', '.join(IMAGE_EXTENSIONS)})")
-        samples += [(str(p), label) for p in files]
+            raise UserError(f"class folder {root / name} has no images ({', '.join(ALL_EXTENSIONS)})")
+        samples += [(src, label) for src in files]
     return classes, samples
 
 
-def verify_images(samples):
-    """Decode every file once (as training will); UserError naming the first bad file.
+def verify_images(samples, opts=None):
+    """Decode every image once (as training will); UserError naming the first bad file.
     Returns True when every image is grayscale (samples are then written as 1-channel PNGs)."""
     gray = True
-    for path, _ in samples:
+    for src, _ in samples:
         try:
-            gray = check_image(path).channels == 1 and gray
+            gray = check_image(src, opts=opts).channels == 1 and gray
         except ImageError as e:
             raise UserError(str(e)) from None
     return gray
 
 
-def load_image(path, channels):
-    """File -> float32 array (H, W, channels) in [0, 1] by the one image rule (imaging.decode_image)."""
+def load_image(src, channels, opts=None):
+    """File / slice -> float32 array (H, W, channels) in [0, 1] by the one image rule (imaging.decode_image)."""
     try:
-        return decode_image(path, channels).permute(1, 2, 0).numpy()
+        return decode_image(src, channels, opts).permute(1, 2, 0).numpy()
     except ImageError as e:
         raise UserError(str(e)) from None
 
@@ -66,14 +74,26 @@ def center_crop_resize(x, size):
 
 
 class ImageFolderDataset(Dataset):
-    """Items are (index, flip) pairs from ResumableSampler -> (image in [-1, 1], label)."""
+    """Items are (index, flip) pairs from ResumableSampler -> (image in [-1, 1], label).
 
-    def __init__(self, root, image_size, channels, verify=True):
+    `sources` holds one imaging.Source per image, `samples` (str(source), label) pairs; `opts` the fitted
+    medical.ReadOptions (a new run fits the window on the data once; a resumed run passes fit=False)."""
+
+    def __init__(self, root, image_size, channels, verify=True, opts=None, fit=True):
         # channels: the VAE's; None until it is known (train.py checks the data before loading the VAE).
         # `grayscale` below is about the files (samples are then saved as 1-channel PNGs).
         self.root = str(root)
-        self.classes, self.samples = scan_class_folders(root)
-        self.grayscale = verify_images(self.samples) if verify else channels == 1
+        opts = opts if opts is not None else medical.ReadOptions()
+        self.classes, found = scan_class_folders(root, opts)
+        self.sources = [src for src, _ in found]
+        self.samples = [(str(src), label) for src, label in found]
+        if fit:
+            try:
+                opts = opts.fit(self.sources)
+            except (ImageError, ValueError) as e:
+                raise UserError(str(e)) from None
+        self.opts = opts
+        self.grayscale = verify_images(found, opts) if verify else channels == 1
         self.image_size = image_size
         self.channels = channels
 
@@ -82,8 +102,7 @@ class ImageFolderDataset(Dataset):
 
     def load(self, index):
         """Image `index` as a (C, S, S) tensor in [-1, 1], unflipped."""
-        path, _ = self.samples[index]
-        x = torch.from_numpy(load_image(path, self.channels)).permute(2, 0, 1).contiguous()
+        x = torch.from_numpy(load_image(self.sources[index], self.channels, self.opts)).permute(2, 0, 1).contiguous()
         return center_crop_resize(x, self.image_size) * 2 - 1
 
     def __getitem__(self, item):
@@ -142,12 +161,15 @@ class ResumableSampler(Sampler):
 
 
 # ----------------------------------------------------------------------------- latent cache
-def data_fingerprint(samples, classes, image_size, channels):
-    """Hash of the file list (path, size, mtime) + preprocessing: changes when any file changes."""
+def data_fingerprint(samples, classes, image_size, channels, opts=None):
+    """Hash of the image list (path or slice, size, mtime) + preprocessing (incl. an intensity window):
+    changes when any file or the window changes. samples: (path or imaging.Source, label) pairs."""
     h = hashlib.sha256(json.dumps([classes, image_size, channels]).encode())
-    for path, label in samples:
-        st = os.stat(path)
-        h.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    if opts is not None and (opts.window is not None or opts.windows_2d()):  # 8-bit data: hash as before
+        h.update(json.dumps(opts.to_config(), sort_keys=True).encode())
+    for src, label in samples:
+        st = os.stat(getattr(src, "path", src))
+        h.update(f"{src}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 

@@ -35,8 +35,8 @@ side to round(side * size / shorter side), then the centre size x size is croppe
 / 2)); results are clamped to [0, 1] (only float rounding can leave it). An image already size x size is
 returned unchanged. resize_mask uses the same geometry with nearest-exact sampling (no antialias), so a
 mask stays aligned with its image and no label value appears that was not in the file.
-With ReadOptions that name a window (--intensity_window), 16-bit and float files are windowed in their
-stored units instead of the rule above; 8-bit files are display values and are never windowed.
+With ReadOptions that name a window (--intensity_window) and --window_16bit, 16-bit and float files are
+windowed in their stored units instead of the rule above; 8-bit files are display values, never windowed.
 Errors: every problem with a file is an ImageError (a ValueError) whose text is one line naming the file
 and saying what to do; each folder turns it into its own UserError.
 """
@@ -272,7 +272,6 @@ def _read(src, expand_palette, opts):
     """(pixels, ImageInfo) of a Source or path: 2-D files here, medical files and windows in medical.py."""
     src = as_source(src)
     if is_medical(src) or (opts is not None and opts.windows_2d()):
-        import medical  # vendored beside this file; imported lazily (pydicom / nibabel load only when needed)
         return medical.read(src, expand_palette, opts)
     if src.index not in (None, 0):
         raise ImageError(src.path, f"is a 2-D image: it has no slice or frame {src.index}")
@@ -337,3 +336,8 @@ def resize_image(x, size):
 def resize_mask(x, size):
     """resize_image's geometry with nearest-exact sampling: label values preserved, no antialias."""
     return _resize(x, size, "nearest-exact")
+
+
+# medical.py (vendored beside this file) reads DICOM / NIfTI and windows; it imports the names above, so it is
+# imported last, and once, from this folder (pydicom and nibabel themselves load only when a file needs them).
+import medical  # noqa: E402

@@ -5,8 +5,11 @@ weights): the shared code behind sample.py and sample_ddp.py.
     torchrun --nproc_per_node=N sample_ddp.py --ckpt ... --num-fid-samples 50000 --cfg-scale 1.5
 
 Every image i of a run has its own seed (seed + i) for its initial noise and every sampling step, so
-images do not depend on the batch size or the number of GPUs. PNGs are written once (temp file +
-os.link), so a rerun completes an interrupted run and never overwrites.
+images do not depend on the batch size or the number of GPUs. Images are written once (temp file +
+os.link), so a rerun completes an interrupted run and never overwrites. `--output-format png` (default),
+`png16`, `nifti` (1-channel models; values mapped back through the checkpoint's intensity window, e.g. to
+HU) or `dicom` (secondary capture, new UIDs, nothing copied from a training file); grids and the .npz are
+made from png output only.
 """
 import math
 import os
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import medical
 from diffusion import create_diffusion
 from download import PRETRAINED, download_model, pretrained_name
 from models import ALL_MODELS, model_config
@@ -53,6 +57,7 @@ def add_model_args(p):
     p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow loading a checkpoint that contains pickled Python objects")
+    medical.add_output_flag(p)  # --output_format png | png16 | nifti | dicom
 
 
 def check_sampling_args(args):
@@ -119,7 +124,8 @@ def load_for_sampling(args, device, logger):
             cfg = ckpt["config"]
             meta.update(num_classes=cfg["num_classes"], class_names=ckpt.get("class_names"),
                         vae=args.vae or ckpt["vae"]["vae"], image_size=cfg["image_size"],
-                        class_dropout_prob=cfg.get("class_dropout_prob"), grayscale=cfg.get("grayscale", False))
+                        class_dropout_prob=cfg.get("class_dropout_prob"), grayscale=cfg.get("grayscale", False),
+                        intensity=cfg.get("intensity"))
         elif "ema" in ckpt and isinstance(ckpt.get("args"), dict):  # official training checkpoint
             sd, old = ckpt["ema"], ckpt["args"]
             meta.update(official_arch_rule=True, num_classes=old.get("num_classes"), vae=args.vae or old.get("vae", "mse"),
@@ -248,6 +254,47 @@ def decode_to_uint8(vae, vinfo, latents, grayscale=False):
     if grayscale and x.shape[1] == 3:
         x = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
     return torch.clamp(127.5 * x + 128.0, 0, 255).to("cpu", dtype=torch.uint8)
+
+
+@torch.no_grad()
+def decode_to_float(vae, vinfo, latents, grayscale=False):
+    """Latents -> float32 images (N, C, H, W) in [0, 1] on the CPU (png16 / NIfTI / DICOM output); the
+    channel rule of decode_to_uint8."""
+    x = vae.decode(latents / vinfo["scaling_factor"] + vinfo["shift_factor"]).sample.float()
+    if grayscale and x.shape[1] == 3:
+        x = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+    return ((x + 1) / 2).clamp(0, 1).cpu()
+
+
+def output_settings(args, meta, vinfo):
+    """(format, window) of the output; UserError before sampling for NIfTI from a colour model."""
+    fmt = args.output_format
+    channels = 1 if meta.get("grayscale") or vinfo["image_channels"] == 1 else vinfo["image_channels"]
+    if fmt == "nifti" and channels != 1:
+        raise UserError(f"--output-format nifti writes one value per voxel, but {meta['source']} makes "
+                        f"{channels}-channel (colour) images: use --output-format png, png16 or dicom")
+    try:
+        window = medical.ReadOptions.from_config(meta.get("intensity")).window  # None: 8-bit data, [0, 1] out
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{meta['source']}: its stored intensity window is unreadable ({e})") from None
+    return fmt, window
+
+
+def description(meta, class_name, seed, args):
+    """What a NIfTI / DICOM file says about itself: model, class, seed, sampler (never a training file name)."""
+    return (f"synthetic DiT sample; class {class_name}; seed {seed}; {args.sampler} {args.num_sampling_steps} "
+            f"steps, cfg {args.cfg_scale:g}; model {meta['model']} {meta['ckpt_tag']}")
+
+
+def write_images(vae, vinfo, z, meta, jobs, fmt, window, args):
+    """Decode latents and write each image once: jobs are (class name, seed, .png path) per latent; png keeps
+    the 8-bit path (decode_to_uint8 + save_image_once), other formats go through medical.write_image_once."""
+    if fmt == "png":
+        for (_, _, path), img in zip(jobs, decode_to_uint8(vae, vinfo, z, meta.get("grayscale", False))):
+            save_image_once(img, path)
+        return
+    for (name, seed, path), img in zip(jobs, decode_to_float(vae, vinfo, z, meta.get("grayscale", False))):
+        medical.write_image_once(img, path, fmt, window, description(meta, name, seed, args))
 
 
 def save_image_once(image, path):

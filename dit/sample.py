@@ -7,6 +7,9 @@
 Writes <output-dir>/<settings>/<class_name>/<class_name>_seed<N>.png and grid_<class_name>.png, where
 <settings> names the model, checkpoint, VAE, cfg scale, sampler, steps and seed. Image i uses seed
 --seed + i, so any --batch-size gives the same images; existing images are kept (rerun to complete).
+`--output-format png16 | nifti | dicom` writes .png (16-bit) / .nii.gz / .dcm instead (no grids then).
+
+    python sample.py --ckpt ... --output-format nifti      # values in the training data's units (e.g. HU)
 """
 import sys
 from collections import defaultdict
@@ -15,6 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 import inference as inf
+import medical
 from runtime import FlagParser, UserError, check_writable, run_main, timing_summary
 
 
@@ -49,6 +53,7 @@ def main(args):
     if args.cfg_scale != 1.0 and not meta["has_null"]:
         raise UserError(f"{meta['source']} was trained without label dropout (no null class): "
                         f"use --cfg-scale 1")
+    fmt, window = inf.output_settings(args, meta, vinfo)
     out = Path(args.output_dir) if args.exact_output_dir else Path(args.output_dir) / inf.settings_tag(
         args, meta, vinfo, args.seed)
     names = meta["class_names"]
@@ -57,7 +62,7 @@ def main(args):
     check_writable(out)
     for lab in sorted({lab for lab, _ in jobs}):
         (out / names[lab]).mkdir(exist_ok=True)
-    todo = [(lab, s) for lab, s in jobs if not inf.image_path(out, names[lab], s).exists()]
+    todo = [(lab, s) for lab, s in jobs if not medical.output_path(inf.image_path(out, names[lab], s), fmt).exists()]
     if len(todo) < len(jobs):
         print(f"{len(jobs) - len(todo)} of {len(jobs)} images already exist in {out}: generating the rest")
     diffusion = inf.make_sampler(args)
@@ -67,9 +72,12 @@ def main(args):
         batch = todo[i:i + args.batch_size]
         z = inf.sample_latents(model, diffusion, [b[0] for b in batch], [b[1] for b in batch],
                                args.cfg_scale, args.sampler, args.eta, device, precision, guide_all)
-        for (lab, s), img in zip(batch, inf.decode_to_uint8(vae, vinfo, z, meta.get("grayscale", False))):
-            inf.save_image_once(img, inf.image_path(out, names[lab], s))
+        inf.write_images(vae, vinfo, z, meta, [(names[lab], s, inf.image_path(out, names[lab], s)) for lab, s in batch],
+                         fmt, window, args)
     print(timing_summary(len(todo), args.num_sampling_steps, inf.now() - t0))
+    if fmt != "png":
+        print(f"Images ({fmt}): {out}/<class_name>/   (grids are made for --output-format png only)")
+        return
     per_class = defaultdict(list)
     for lab, s in jobs:
         per_class[lab].append(inf.image_path(out, names[lab], s))

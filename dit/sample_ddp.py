@@ -8,6 +8,7 @@ Image i (0 <= i < --num-fid-samples) is of class i mod K (or of --class-labels, 
 --seed + i (alias --global-seed); rank r makes the images with i mod world == r. PNGs go to
 <sample-dir>/<settings>/[<class_name>/]<class_name>_seed<N>.png and <sample-dir>/<settings>.npz (arr_0,
 uint8 N x H x W x 3) is written at the end from the PNGs, in chunks. Rerunning skips existing images.
+`--output-format png16 | nifti | dicom` writes .png (16-bit) / .nii.gz / .dcm files instead (no .npz then).
 """
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 import inference as inf
+import medical
 from runtime import (FlagParser, UserError, barrier, check_writable, finish_distributed, resolve_precision,
                      run_main, setup_distributed, timing_summary)
 
@@ -51,6 +53,7 @@ def main(args):
     labels = (inf.parse_class_labels(args.class_labels, meta) if args.class_labels
               else list(range(meta["num_classes"])))
     names = meta["class_names"]
+    fmt, window = inf.output_settings(args, meta, vinfo)
     out = Path(args.sample_dir) / inf.settings_tag(args, meta, vinfo, args.seed)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -61,9 +64,10 @@ def main(args):
     barrier()
     say(f"World size {world}; writing {args.num_fid_samples} images to {out}")
 
-    def path_of(i):
+    def path_of(i):  # (label, seed, file in the chosen format)
         lab = labels[i % len(labels)]
-        return lab, args.seed + i, inf.image_path(out, names[lab], args.seed + i, args.class_subfolders)
+        png = inf.image_path(out, names[lab], args.seed + i, args.class_subfolders)
+        return lab, args.seed + i, medical.output_path(png, fmt)
 
     mine = [i for i in range(rank, args.num_fid_samples, world) if not path_of(i)[2].exists()]
     done = len(range(rank, args.num_fid_samples, world)) - len(mine)
@@ -77,8 +81,7 @@ def main(args):
         jobs = [path_of(i) for i in mine[k:k + bs]]
         z = inf.sample_latents(model, diffusion, [j[0] for j in jobs], [j[1] for j in jobs], args.cfg_scale,
                                args.sampler, args.eta, device, precision, guide_all)
-        for (_, _, path), img in zip(jobs, inf.decode_to_uint8(vae, vinfo, z, meta.get("grayscale", False))):
-            inf.save_image_once(img, path)
+        inf.write_images(vae, vinfo, z, meta, [(names[lab], s, path) for lab, s, path in jobs], fmt, window, args)
     say(f"rank 0: {timing_summary(len(mine), args.num_sampling_steps, inf.now() - t0)}")
     barrier()
     if rank == 0:
@@ -86,7 +89,9 @@ def main(args):
         missing = [p for p in paths if not p.exists()]
         if missing:
             raise UserError(f"{len(missing)} images are missing (e.g. {missing[0]}): rerun to complete")
-        if not args.no_npz:
+        if fmt != "png":
+            say(f"No .npz: it is made from --output-format png images (this run wrote {fmt})")
+        elif not args.no_npz:
             npz = inf.write_npz(paths, Path(str(out) + ".npz"))  # next to the folder, as the reference does
             say(f"Wrote {npz} ({len(paths)} images)")
         say(f"Images: {out}")

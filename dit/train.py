@@ -4,6 +4,10 @@
         --results-dir ./results --image-size 256 --num-classes 8 --global-batch-size 256 --epochs 1400
     python train.py ... --resume             # continue the latest run of that model, bit-exactly
 
+DICOM / NIfTI / 16-bit class folders: `--intensity-window -160,240` (a preset, percentiles, `auto` by
+default), `--slice-axis`, `--slice-range` (medical.py); the window is fitted once on the data and stored in
+every checkpoint (config["intensity"]), so sampling can write NIfTI / DICOM in the data's units.
+
 Runs go to numbered folders (results/000-DiT-B-2/) with log.txt, tensorboard/ and
 checkpoints/0050000.pt (plain dicts: model, ema, opt, args, step, ... -> loadable with weights_only).
 The plumbing (flags, logging, torchrun setup, precision, checkpoint files, seeds, stop flags, EMA) is the
@@ -16,6 +20,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+import medical
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -76,7 +81,12 @@ def parse_args(argv=None):
     add_resume_flag(p)
     p.add_argument("--trust_checkpoint", action="store_true",
                    help="allow loading a checkpoint that contains pickled Python objects")
+    medical.add_read_flags(p)  # --intensity_window, --slice_axis, --slice_range, --group_regex
     args = p.parse_args(argv)
+    try:
+        medical.options_from_args(args)  # a bad --intensity-window is named before anything is loaded
+    except ValueError as e:
+        raise UserError(str(e)) from None
     args.learn_sigma = True
     checks = [
         (args.image_size <= 0 or args.image_size % 8, "--image-size must be a positive multiple of 8"),
@@ -158,11 +168,23 @@ def check_resume_checkpoint(ckpt, path, args):
                             f"--resume")
 
 
+def read_options(args, ckpt):
+    """(medical.ReadOptions, fit?): a resumed run keeps its stored window (a conflicting flag is refused), a new
+    one fits it on the data."""
+    try:
+        given = medical.options_from_args(args)
+        stored = (ckpt or {}).get("config", {}).get("intensity")
+        return medical.resume_options(given, stored), not stored  # no stored window (new run, older run): fit
+    except ValueError as e:
+        raise UserError(f"--resume: {e}" if ckpt else str(e)) from None
+
+
 def load_data(args, ckpt, resume_path, device):
     """(dataset, VAE, VAE info, latent size), checked against the flags and the checkpoint.
 
     The data first: it is quick, while loading a hub VAE offline spends half a minute on retries."""
-    dataset = ImageFolderDataset(args.data_root, args.image_size, channels=None)
+    opts, fit = read_options(args, ckpt)
+    dataset = ImageFolderDataset(args.data_root, args.image_size, channels=None, opts=opts, fit=fit)
     if len(dataset.classes) != args.num_classes:
         raise UserError(f"--num-classes {args.num_classes} but {args.data_root} has "
                         f"{len(dataset.classes)} class folders ({', '.join(dataset.classes[:20])})")
@@ -278,8 +300,8 @@ def make_latents(batch, vae, scale, shift, cached, device, precision):
 def build_latent_cache(dataset, vae, info, args, rank, world, device, logger):
     """Encode every image (and its mirror) once; reuse while data and VAE are unchanged."""
     path = cache_path(args.results_dir, dataset.root, args.image_size, info["vae"])
-    fingerprint = data_fingerprint(dataset.samples, dataset.classes, args.image_size,
-                                   info["image_channels"]) + vae_fingerprint(vae)
+    fingerprint = data_fingerprint(list(zip(dataset.sources, (lab for _, lab in dataset.samples))), dataset.classes,
+                                   args.image_size, info["image_channels"], dataset.opts) + vae_fingerprint(vae)
     if path.is_file():
         try:
             cache = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -326,7 +348,7 @@ def run_meta(args, dataset, info, latent_size, world):
             "config": {"model": args.model, "input_size": latent_size, "image_size": args.image_size,
                        "in_channels": info["latent_channels"], "num_classes": args.num_classes,
                        "class_dropout_prob": args.class_dropout_prob, "learn_sigma": args.learn_sigma,
-                       "grayscale": dataset.grayscale}}
+                       "grayscale": dataset.grayscale, "intensity": dataset.opts.to_config()}}
 
 
 def save_checkpoint(path, meta, model, ema, opt, scaler, step, position, device, logger):
@@ -409,6 +431,9 @@ def main(args):
     ckpt_dir = run_dir / "checkpoints"
     logger = get_logger(run_dir, rank, "dit")
     logger.info(f"World size {world}, device {device}, run folder {run_dir}")
+    labels = [lab for _, lab in dataset.samples]
+    for line in medical.describe_data(dataset.sources, labels, dataset.classes, dataset.opts):
+        logger.info(f"Data: {line}")
 
     precision = resolve_precision(args.mixed_precision, device, logger)
     seed_everything(args.seed * world + rank)  # Python, NumPy: per rank; torch: reseeded below and every step

@@ -2,8 +2,9 @@
 # Evaluation stage of the demo, offline:  bash evaluation/demo.sh DATA OUT
 #   DATA: folder written by scripts/make_demo_data.py (class folders DATA/digits/digit_0..digit_9)
 #   OUT:  the demo output folder; every OUT/<model>/samples folder that exists is evaluated.
-# Splits the real digits into halves A and B, trains a small digit CNN on A (about a minute on CPU),
-# exports it as TorchScript (feature extractor + classifier) and prints one table: FD, precision,
+# Splits the real digits into halves A and B by whole patients (medical.group_split: a DICOM patient or a
+# NIfTI volume never has images in both; each demo digit is its own), trains a small digit CNN on A (about
+# a minute on CPU), exports it as TorchScript (feature extractor + classifier) and prints one table: FD, precision,
 # recall on the CNN's features and class accuracy, per model, plus the real-data reference row (B vs A).
 # Standard FID (InceptionV3) is added only when pytorch-fid's weight file is already on this machine
 # ($FID_INCEPTION_WEIGHTS or torch hub's checkpoints folder): nothing is downloaded.
@@ -17,21 +18,10 @@ EVAL="$OUT/evaluation"
 export EVAL_CACHE_DIR="$EVAL/cache"
 if [ ! -d "$DATA/digits" ]; then echo "error: $DATA/digits not found (run scripts/make_demo_data.py)" >&2; exit 2; fi
 
-echo "[evaluation] splitting $DATA/digits into halves A (reference, classifier training) and B (held out)"
+echo "[evaluation] splitting $DATA/digits into halves A (reference, classifier training) and B (held out),"
+echo "[evaluation] by whole patients (each demo digit is its own), and training the demo digit classifier on A"
 rm -rf "$EVAL/real_a" "$EVAL/real_b"
-for cls in "$DATA"/digits/*/; do
-  name=$(basename "$cls")
-  mkdir -p "$EVAL/real_a/$name" "$EVAL/real_b/$name"
-  i=0
-  while IFS= read -r f; do
-    if [ $((i % 2)) -eq 0 ]; then half=real_a; else half=real_b; fi
-    ln -s "$f" "$EVAL/$half/$name/$(basename "$f")"
-    i=$((i + 1))
-  done < <(find "$cls" -maxdepth 1 -type f -name '*.png' | sort)
-done
-
-echo "[evaluation] training the demo digit classifier on half A"
-python demo_classifier.py --data "$EVAL/real_a" --out "$EVAL"
+python demo_classifier.py --split_from "$DATA/digits" --data "$EVAL/real_a" --held_out "$EVAL/real_b" --out "$EVAL"
 
 # The demo networks are tiny: one thread each avoids thread spin-waits on a busy machine.
 SMALL=(env OMP_NUM_THREADS=1 python precision_recall.py)

@@ -1,6 +1,13 @@
 """Train a small digit CNN on a class-folder image set and export it as two TorchScript files (demo stage).
 
     python demo_classifier.py --data OUT/evaluation/real_a --out OUT/evaluation [--epochs 8]
+    python demo_classifier.py --split_from DATA/digits --data OUT/evaluation/real_a \
+        --held_out OUT/evaluation/real_b --out OUT/evaluation          # split into halves A / B first
+
+--split_from links the class folders' files into two halves (--data: A, --held_out: B) by whole patients
+(medical.group_split on medical.group_of: DICOM PatientID, then StudyInstanceUID; one NIfTI volume; else
+one file; or --group_regex), so no patient has slices in both halves; the demo digits are one file each.
+The held-out accuracy is measured on whole patients of A too.
 
 Writes `digit_features.pt` (images -> 64-d penultimate-layer features, for --feature_extractor) and
 `digit_classifier.pt` (images -> class logits, with the class names stored in the module, for
@@ -10,6 +17,7 @@ a CPU for the 1,797-image demo set. This is a domain network in the sense of --f
 numbers are comparable between models evaluated with the same file, not with published FIDs.
 """
 import argparse
+import os
 import sys
 import warnings
 import time
@@ -21,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from images import UserError, class_layout, list_images, load_rgb
+import medical
+from images import ImageError, UserError, class_layout, list_images, list_sources, load_rgb
 
 
 class DigitNet(nn.Module):
@@ -72,6 +81,48 @@ class ClassifierExport(nn.Module):
         return self.net(x)
 
 
+def file_groups(root, rel_files, opts):
+    """The patient / study / volume of each file (medical.group_of); ImageError -> UserError."""
+    try:
+        return [medical.group_of(Path(root) / f, opts) for f in rel_files]
+    except ImageError as exc:
+        raise UserError(str(exc)) from None
+
+
+def split_halves(src, half_a, half_b, opts, seed):
+    """Link the class folders' files of src into half_a / half_b (about half of each class), whole groups only."""
+    files = list_images(src) if Path(src).is_dir() else []
+    names, labels = class_layout(src, files) if files else (None, None)
+    if not names:
+        raise UserError(f"--split_from {src} must hold one subfolder of images per class")
+    for half, flag in ((half_a, "--data"), (half_b, "--held_out")):
+        if Path(half).exists():
+            raise UserError(f"{flag} {half} exists; remove it (the halves are made afresh from --split_from)")
+    groups = file_groups(src, files, opts)
+    try:
+        a, b = medical.group_split(groups, labels, 0.5, seed)
+    except ValueError as exc:
+        raise UserError(f"--split_from {src}: {exc}") from None
+    for half, idx in ((half_a, a), (half_b, b)):
+        for i in idx:
+            link = Path(half) / files[i]
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.path.abspath(Path(src) / files[i]), link)
+    print(f"split {src}: half A {len(a)} files ({len({groups[i] for i in a})} patients / groups), half B "
+          f"{len(b)} files ({len({groups[i] for i in b})}); no patient in both", flush=True)
+    return a, b
+
+
+def held_out_split(groups, labels, seed):
+    """(train, val) index tensors, about a tenth of each class held out as whole patients (none if impossible)."""
+    try:
+        train, val = medical.group_split(groups, list(labels), 0.1, seed)
+    except ValueError as exc:
+        print(f"note: no held-out accuracy ({exc}); training on every image", flush=True)
+        train, val = list(range(len(groups))), []
+    return torch.tensor(train, dtype=torch.long), torch.tensor(val, dtype=torch.long)
+
+
 def main(argv=None):
     """Train, report held-out accuracy, export."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -79,16 +130,34 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="folder for the two TorchScript files")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split_from", "--split-from", default=None,
+                   help="first split this class-folder set into --data (half A) and --held_out (half B) by patient")
+    p.add_argument("--held_out", "--held-out", default=None, help="half B of --split_from (links, made afresh)")
+    medical.add_read_flags(p)  # --intensity_window for DICOM / NIfTI data, --group_regex for the splits
     args = p.parse_args(argv)
     try:
-        files = list_images(args.data)
-        names, labels = class_layout(args.data, files) if files else (None, None)
-        if not names:
-            raise UserError(f"--data {args.data} must hold one subfolder of images per class")
         if args.epochs < 1:
             raise UserError(f"--epochs must be at least 1, got {args.epochs}")
+        if (args.split_from is None) != (args.held_out is None):
+            raise UserError("--split_from and --held_out go together (half A is --data, half B --held_out)")
+        try:
+            opts = medical.options_from_args(args)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        if args.split_from is not None:
+            split_halves(args.split_from, args.data, args.held_out, opts, args.seed)
+        files = list_images(args.data) if Path(args.data).is_dir() else []
+        sources, rel = list_sources(args.data, opts) if files else ([], [])
+        names, labels = class_layout(args.data, rel) if files else (None, None)
+        if not names:
+            raise UserError(f"--data {args.data} must hold one subfolder of images per class")
+        try:
+            opts = opts.fit(sources)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        groups = [medical.group_of(s, opts) for s in sources]
         Path(args.out).mkdir(parents=True, exist_ok=True)
-    except (UserError, OSError) as exc:
+    except (UserError, ImageError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     # A network this small gains nothing from more threads, and on a busy machine their spin-waits made
@@ -96,12 +165,18 @@ def main(argv=None):
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     t0 = time.time()
-    x = torch.from_numpy(np.stack([load_rgb(Path(args.data) / f) for f in files])).permute(0, 3, 1, 2)
+    try:
+        pixels = [load_rgb(s, opts) for s in sources]
+    except ImageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if len({a.shape for a in pixels}) > 1:
+        print(f"error: --data {args.data}: the images differ in size; the demo network needs one size", file=sys.stderr)
+        sys.exit(2)
+    x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
     x = x.float().div(255)
     y = torch.from_numpy(labels)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))
-    n_val = max(1, len(x) // 10)
-    val, train = perm[:n_val], perm[n_val:]
+    train, val = held_out_split(groups, labels.tolist(), args.seed)
     net = DigitNet(len(names))
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     g = torch.Generator().manual_seed(args.seed + 1)
@@ -116,7 +191,7 @@ def main(argv=None):
             opt.step()
         net.eval()
         with torch.no_grad():
-            acc = (net(x[val]).argmax(1) == y[val]).float().mean().item()
+            acc = (net(x[val]).argmax(1) == y[val]).float().mean().item() if len(val) else float("nan")
         print(f"epoch {epoch + 1}/{args.epochs}  loss {loss.item():.4f}  held-out accuracy {acc:.4f}", flush=True)
     net.eval()
     feat_path, cls_path = Path(args.out) / "digit_features.pt", Path(args.out) / "digit_classifier.pt"

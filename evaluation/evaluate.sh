@@ -3,6 +3,7 @@
 # Writes the report to stdout and the figures to GEN_DIR/../eval_<gen folder name>.json.
 # Offline machines: add --inception_weights /path/to/pt_inception-2015-12-05-6726825d.pth
 #                   and --vgg_weights /path/to/vgg16-397923af.pth (see README.md).
+# DICOM / NIfTI data: add the window the model was trained with, e.g. --intensity_window -160,240.
 set -euo pipefail
 if [ "$#" -lt 2 ]; then echo "usage: bash evaluate.sh REAL_DIR GEN_DIR [extra flags]" >&2; exit 2; fi
 REAL=$1; GEN=$2; shift 2

@@ -2,8 +2,9 @@
 
 Not run directly; `precision_recall.py` uses it. Every network takes a float32 batch in [0, 1]
 (B x 3 x H x W, decoded once) and applies its own preprocessing, so one decoded batch feeds all of them.
-Real-folder features are cached per network under a key made of the file list (names, sizes,
-modification times), the decoding settings and the network's identity (weight file path, size, mtime).
+Real-folder features are cached per network under a key made of the image list (names with the slice /
+frame index, sizes, modification times), the decoding settings with the resolved intensity window and
+the network's identity (weight file path, size, mtime).
 """
 import hashlib
 import json
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from images import ImageFiles, UserError, collate_images
 from inception import FID_WEIGHTS_FILE, FID_WEIGHTS_URL, FIDInceptionV3
 
-CACHE_VERSION = 2  # 2: the one decoder of imaging.py (1 scaled 16-bit/float images per image)
+CACHE_VERSION = 3  # 3: DICOM / NIfTI slices and intensity windows; 2: the one decoder of imaging.py
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # pytorch-fid's InceptionV3 wrapper stores the same layers as blocks.<i>.<j>; map them back.
@@ -169,14 +170,21 @@ def net_identity(name, path):
     return {"net": name, "weights": file_identity(path) if path else "standard-download"}
 
 
-def folder_key(root, rel_files, decoding):
-    """Identity of an image folder's content for the cache: names, sizes, mtimes and the decoding setting."""
+def folder_key(root, rel_files, decoding, sources=None, opts=None):
+    """Identity of an image folder's content for the cache: names (slice index included), sizes, mtimes,
+    the decoding setting and the resolved intensity window (medical.ReadOptions after fit)."""
     entries = []
-    for rel in rel_files:
-        st = os.stat(Path(root) / rel)
-        entries.append([rel, st.st_size, st.st_mtime_ns])
+    for i, rel in enumerate(rel_files):
+        src = sources[i] if sources is not None else None
+        st = os.stat(src.path if src is not None else Path(root) / rel)
+        entries.append([rel, None if src is None else src.index, st.st_size, st.st_mtime_ns])
+    intensity = None
+    if opts is not None:  # what changes the pixels (not the grouping regex)
+        intensity = {"window": list(opts.window) if opts.window is not None else None,
+                     "windows_2d": opts.windows_2d(), "slice_axis": opts.slice_axis,
+                     "slice_range": list(opts.slice_range) if opts.slice_range else None}
     return {"version": CACHE_VERSION, "root": str(Path(root).resolve()), "files": entries,
-            "decoding": decoding}
+            "decoding": decoding, "intensity": intensity}
 
 
 def cache_path(cache_dir, fkey, ident):
@@ -209,13 +217,14 @@ def write_cache(path, feats):
 
 
 @torch.inference_mode()
-def extract(paths, nets, batch_size, num_workers, device, desc):
+def extract(paths, nets, batch_size, num_workers, device, desc, opts=None):
     """Run every net in `nets` (name -> module on device) over the images; one decode per image.
 
+    paths: files or Sources (slices); opts: the fitted medical.ReadOptions (the intensity window).
     Returns name -> float32 array N x D, in the order of `paths`.
     """
     loader = torch.utils.data.DataLoader(
-        ImageFiles(paths), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        ImageFiles(paths, opts), batch_size=batch_size, shuffle=False, num_workers=num_workers,
         collate_fn=collate_images, pin_memory=device.type == "cuda",
         persistent_workers=False)
     out = {name: None for name in nets}

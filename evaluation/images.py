@@ -1,18 +1,20 @@
-"""Finding, validating and decoding images for evaluation (any PNG/JPEG/BMP/WebP/TIFF -> what the networks take).
+"""Finding, validating and decoding images for evaluation (PNG/JPEG/BMP/WebP/TIFF, DICOM, NIfTI -> network input).
 
 Not run directly; `precision_recall.py` uses it. Pixels follow the repository's one image rule
 (imaging.py, vendored; "How images are read" in the top README), the same as training reads them:
 integers / their type's maximum (16-bit never clipped), float images must be in [0, 1], alpha dropped
-(not composited), palettes expanded, grayscale repeated to 3 channels. Each image is decoded once, in a
-DataLoader worker, and the same tensor later feeds every network, which then does its own resizing and
-normalisation (features.py).
+(not composited), palettes expanded, grayscale repeated to 3 channels. DICOM and NIfTI files (medical.py,
+vendored) give one image per slice / frame, mapped to [0, 1] through the intensity window the evaluator
+fits once on the real side. Each image is decoded once, in a DataLoader worker, and the same tensor later
+feeds every network, which then does its own resizing and normalisation (features.py).
 """
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from imaging import IMAGE_EXTENSIONS, ImageError, check_image, decode_image  # noqa: F401 (re-exported)
+import medical
+from imaging import ALL_EXTENSIONS, IMAGE_EXTENSIONS, ImageError, Source, check_image, decode_image  # noqa: F401
 from imaging import list_images as _list_image_files
 
 # --scaling of precision_recall.py: kept so the flag still parses; every value decodes by the one rule.
@@ -28,6 +30,22 @@ def list_images(root):
     return [str(p.relative_to(root)) for p in _list_image_files(root, recursive=True)]
 
 
+def slice_name(rel, src):
+    """A relative name that identifies one 2-D image: the file's path, plus '[index]' for a slice / frame."""
+    return str(rel) if src.index is None else f"{rel}[{src.index}]"
+
+
+def list_sources(root, opts):
+    """(Sources, relative names) of every 2-D image under root: files, DICOM frames, NIfTI slices (in order)."""
+    rel_files = list_images(root)
+    try:
+        sources = medical.expand([Path(root) / r for r in rel_files], opts)
+    except ImageError as exc:
+        raise UserError(str(exc)) from None
+    rel_of = {Path(root) / r: r for r in rel_files}
+    return sources, [slice_name(rel_of[s.path], s) for s in sources]
+
+
 def class_layout(root, rel_files):
     """(class names, label per file) when every image sits in a class subfolder of root, else (None, None)."""
     if not rel_files or any(len(Path(f).parts) < 2 for f in rel_files):
@@ -40,32 +58,40 @@ def class_layout(root, rel_files):
     return names, np.array([index[Path(f).parts[0]] for f in rel_files], dtype=np.int64)
 
 
-def validate_images(root, rel_files, label):
-    """Decode every file once (as extraction will); name the first bad file. Returns notes for users."""
+def validate_images(root, items, label, opts=None):
+    """Decode every image once (as extraction will); name the first bad file. Returns notes for users.
+
+    items: relative paths under root, or Sources (slices / frames); opts: the fitted medical.ReadOptions."""
     infos, sizes = [], set()
-    for rel in rel_files:
+    for item in items:
+        src = item if isinstance(item, Source) else Source(Path(root) / item)
         try:
-            info = check_image(Path(root) / rel)
+            info = check_image(src, opts=opts)
         except ImageError as exc:
             raise UserError(str(exc)) from None
         infos.append(info)
         sizes.add(info.size)
     notes = []
     n_alpha = sum(i.alpha for i in infos)
-    n_high = sum(i.dtype not in ("uint8", "bool") for i in infos)
+    n_medical = sum(i.mode.startswith(("DICOM", "NIfTI")) for i in infos)
+    windowed = opts is not None and opts.windows_2d() and opts.window is not None
+    n_high = sum(i.dtype not in ("uint8", "bool") for i in infos) - n_medical
     if n_alpha:
         notes.append(f"{label}: {n_alpha} image(s) have an alpha channel; it is dropped (not composited)")
     if n_high:
-        notes.append(f"{label}: {n_high} image(s) are 16-bit/32-bit/float; read at full precision "
-                     f"(integers / their type's maximum, floats as stored in [0, 1])")
+        how = "through the intensity window, in their stored units" if windowed else \
+            "(integers / their type's maximum, floats as stored in [0, 1])"
+        notes.append(f"{label}: {n_high} image(s) are 16-bit/32-bit/float; read at full precision {how}")
+    if n_medical:
+        notes.append(f"{label}: {n_medical} DICOM / NIfTI image(s) (slices, frames) read through the intensity window")
     if len(sizes) > 1:
         notes.append(f"{label}: images come in {len(sizes)} sizes; each network resizes them to its input")
     return notes
 
 
-def load_rgb(path):
-    """Decode one image to a uint8 H x W x 3 array (the decoded [0, 1] values rounded to 8 bits)."""
-    x = decode_image(path, 3).permute(1, 2, 0).numpy()
+def load_rgb(path, opts=None):
+    """Decode one image (path or Source) to a uint8 H x W x 3 array (the [0, 1] values rounded to 8 bits)."""
+    x = decode_image(path, 3, opts).permute(1, 2, 0).numpy()
     return np.round(x * 255.0).astype(np.uint8)
 
 
@@ -76,15 +102,15 @@ class ImageFiles(torch.utils.data.Dataset):
     torchvision's ToTensor does (bit-identical to it for 8-bit files) and 16-bit/float images keep their
     precision."""
 
-    def __init__(self, paths):
-        self.paths = list(paths)
+    def __init__(self, paths, opts=None):
+        self.paths, self.opts = list(paths), opts  # paths or Sources; opts: the fitted ReadOptions
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         try:
-            x = decode_image(self.paths[i], 3)
+            x = decode_image(self.paths[i], 3, self.opts)
         except ImageError as exc:  # reported by the main process, which adds what to do
             return i, None, f"{exc.path} {exc.problem}"
         return i, x * 255.0, None

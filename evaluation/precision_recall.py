@@ -6,9 +6,12 @@
         --json result.json
     python precision_recall.py --real /data/real --gen x --save_stats real_stats.npz   # later: --real real_stats.npz
     python precision_recall.py --real R --gen G --feature_extractor net.pt --classifier cls.pt  # domain networks
+    python precision_recall.py --real /data/ct_dicom --gen /data/generated_nifti --intensity_window -160,240
 
---real/--gen take an image folder (recursive; png jpg jpeg bmp tif tiff webp, any case) or an .npz with
-`mu`/`sigma` (pytorch-fid format) and/or `inception_features` (N x 2048) / `vgg_features` (N x 4096).
+--real/--gen take an image folder (recursive; png jpg jpeg bmp tif tiff webp, DICOM .dcm, NIfTI .nii .nii.gz,
+any case) or an .npz with `mu`/`sigma` (pytorch-fid format) and/or `inception_features` (N x 2048) /
+`vgg_features` (N x 4096). DICOM frames and NIfTI slices count as images; the intensity window
+(--intensity_window, default auto) is fitted once on the real side and reads both sides.
 FID uses pytorch-fid's Inception network and preprocessing (same weights -> same features); precision and
 recall (k=3, Kynkaanniemi et al. 2019) and density/coverage (k=5, Naeem et al. 2020) use torchvision VGG16
 fc2 features; KID uses the Inception features. With class subfolders on both sides, figures are also given
@@ -31,14 +34,17 @@ import torch  # noqa: E402
 
 from features import (build_inception, build_vgg, cache_path, default_cache_dir, extract,  # noqa: E402
                       folder_key, load_torchscript, net_identity, read_cache, write_cache)
-from images import SCALINGS, UserError, class_layout, list_images, validate_images  # noqa: E402
+import medical  # noqa: E402
+from images import SCALINGS, UserError, class_layout, list_images, list_sources, validate_images  # noqa: E402
+from imaging import ALL_EXTENSIONS  # noqa: E402
 from metrics import (density_coverage, feature_stats, frechet_distance, frechet_distance_from_features,  # noqa: E402
                      kid, precision_recall)
 
 ALL_METRICS = ("fid", "precision", "recall", "kid", "density", "coverage")
 DEFAULT_METRICS = "fid,precision,recall"
 # How files become pixels: the one rule of imaging.py (recorded in the JSON and in the feature-cache key).
-DECODING = "imaging.py v1: integers / type max, floats in [0,1], ITU-601 luma, antialiased resize"
+DECODING = ("imaging.py v2: integers / type max, floats in [0,1], ITU-601 luma, antialiased resize; "
+            "DICOM / NIfTI slices through the intensity window")
 MIN_RELIABLE = 2048
 RULE = "=" * 40
 
@@ -77,6 +83,7 @@ def parse_args(argv=None):
     add("--no_cache", "--no-cache", action="store_true", help="do not read or write the feature cache")
     add("--trust_checkpoint", "--trust-checkpoint", action="store_true",
         help="allow weight files that hold pickled Python objects (only for files you trust)")
+    medical.add_read_flags(p)  # --intensity_window, --slice_axis, --slice_range, --group_regex
     return p.parse_args(argv)
 
 
@@ -87,6 +94,7 @@ class Side:
         self.role, self.path = role, Path(path)
         self.features, self.stats = {}, {}
         self.files, self.class_names, self.labels, self.n = None, None, None, None
+        self.sources, self.intensity = None, None  # 2-D images (slices) of a folder; window an .npz records
         self.is_npz = self.path.suffix.lower() == ".npz"
 
     def has(self, net):
@@ -98,8 +106,8 @@ class Side:
         return self.has(net) or net in self.stats
 
 
-def load_side(role, path, flag):
-    """Check an input and read what is cheap (file list + header check, or the .npz arrays)."""
+def load_side(role, path, flag, opts):
+    """Check an input and read what is cheap (image / slice list + header check, or the .npz arrays)."""
     side = Side(role, path)
     if not side.path.exists():
         hint = " (edit REAL_IMAGES_DIR/GEN_IMAGES_DIR at the top of precision_recall.py or pass the flag)"
@@ -128,15 +136,45 @@ def load_side(role, path, flag):
         side.n = counts.pop() if len(counts) == 1 else (int(data["n_images"]) if "n_images" in data else None)
         if "labels" in data and "class_names" in data and side.n == len(data["labels"]):
             side.labels, side.class_names = data["labels"].astype(np.int64), [str(c) for c in data["class_names"]]
+        if "intensity" in data:  # written by --save_stats: the window the real images were read with
+            try:
+                side.intensity = medical.ReadOptions.from_config(json.loads(str(data["intensity"])))
+            except (ValueError, TypeError, AttributeError) as exc:
+                raise UserError(f"{flag} {path}: unreadable intensity record ({exc})") from None
         return side
     if not side.path.is_dir():
         raise UserError(f"{flag} {path} is neither an image folder nor an .npz file")
-    side.files = list_images(side.path)
-    if not side.files:
-        raise UserError(f"{flag} {path} holds no images (looked for png jpg jpeg bmp tif tiff webp, recursively)")
+    if not list_images(side.path):
+        raise UserError(f"{flag} {path} holds no images (looked for {' '.join(e[1:] for e in ALL_EXTENSIONS)} "
+                        f"and DICOM files without extension, recursively)")
+    side.sources, side.files = list_sources(side.path, opts)  # one per 2-D image: file, frame or slice
     side.n = len(side.files)
     side.class_names, side.labels = class_layout(side.path, side.files)
     return side
+
+
+def fit_window(opts, real, gen, notes):
+    """The intensity window for both sides: fitted once on the real images, or the one a --real .npz records."""
+    try:
+        if real.sources is not None:
+            return opts.fit(real.sources)
+        if real.intensity is not None:
+            stored = real.intensity
+            if opts.mode[0] == "percentile":
+                raise UserError(f"--intensity_window {opts.spec}: percentiles need the real images, but --real is "
+                                f"an .npz (read with {stored.describe()}); drop the flag to use that window")
+            if opts.mode[0] == "fixed" and stored.window is not None and \
+                    not np.allclose(opts.window, stored.window, rtol=0, atol=1e-9):
+                raise UserError(f"--intensity_window {opts.spec} differs from the window the --real .npz was "
+                                f"computed with ({stored.describe()}); pass that window or recompute the statistics")
+            return stored if opts.mode[0] == "auto" else opts.fit([])
+        fitted = opts.fit(gen.sources or [])
+        if fitted.window is not None:
+            notes.append("the --real .npz records no intensity window: the window was fitted on the --gen images; "
+                         "write real statistics with --save_stats to record it")
+        return fitted
+    except ValueError as exc:  # an ImageError of a file, or percentiles of no physical data (names the flag)
+        raise UserError(str(exc)) from None
 
 
 def plan_metrics(args, real, gen, fd_net, nn_net):
@@ -233,11 +271,11 @@ def fmt(v, width=10):
     return f"{v:{width}.4f}" if isinstance(v, float) else f"{'-':>{width}}"
 
 
-def print_report(res, labels, real, gen, notes):
+def print_report(res, labels, real, gen, notes, opts):
     """The FINAL EVALUATION REPORT block."""
     lines = [RULE, "FINAL EVALUATION REPORT",
              f"Real Data: {real.path.name} ({res['n_real'] if res['n_real'] is not None else '?'} images)",
-             f"Gen Data:  {gen.path.name} ({res['n_gen']} images)", RULE]
+             f"Gen Data:  {gen.path.name} ({res['n_gen']} images)", opts.describe(), RULE]
     rows = [("fid", f"{labels['fid']}:"), ("precision", f"Precision ({labels['nn']}):"),
             ("recall", f"Recall ({labels['nn']}):"), ("density", f"Density ({labels['nn']}):"),
             ("coverage", f"Coverage ({labels['nn']}):")]
@@ -282,7 +320,7 @@ def write_atomic_npz(path, **arrays):
 
 
 def check_args(args):
-    """Flag ranges and file flags, before anything is read."""
+    """Flag ranges and file flags, before anything is read; returns the (unfitted) medical.ReadOptions."""
     for flag in ("batch_size", "pr_k", "dc_k", "kid_subsets"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
@@ -300,6 +338,10 @@ def check_args(args):
         check_writable(args.save_stats, "--save_stats")
     if args.json:
         check_writable(args.json, "--json")
+    try:
+        return medical.options_from_args(args)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def check_npz_dims(side, flag):
@@ -315,11 +357,11 @@ def check_npz_dims(side, flag):
                             "pass the same --feature_extractor")
 
 
-def fill_features(side, want, get_net, weight_files, args, device, notes):
+def fill_features(side, want, get_net, weight_files, args, device, notes, opts):
     """Features of a folder side for the networks in `want`: from the cache (real folders) or one pass."""
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     use_cache = side.role == "real" and not args.no_cache
-    fkey = folder_key(side.path, side.files, DECODING) if use_cache else None
+    fkey = folder_key(side.path, side.files, DECODING, side.sources, opts) if use_cache else None
     todo, feats = [], {}
     for name in sorted(want):
         cached = read_cache(cache_path(cache_dir, fkey, net_identity(name, weight_files[name])), side.n) \
@@ -331,9 +373,8 @@ def fill_features(side, want, get_net, weight_files, args, device, notes):
     if feats:
         print(f"{side.role}: cached features of {', '.join(feats)} reused from {cache_dir}", flush=True)
     if todo:
-        paths = [str(side.path / f) for f in side.files]
-        got = extract(paths, {n: get_net(n) for n in todo}, args.batch_size, args.num_workers, device,
-                      desc=f"{side.role} features ({side.n} images)")
+        got = extract(side.sources, {n: get_net(n) for n in todo}, args.batch_size, args.num_workers, device,
+                      desc=f"{side.role} features ({side.n} images)", opts=opts)
         for name, arr in got.items():
             err = write_cache(cache_path(cache_dir, fkey, net_identity(name, weight_files[name])), arr) \
                 if fkey else None
@@ -395,9 +436,9 @@ def add_class_accuracy(res, per_class, real, gen, index):
             per_class[c]["class_accuracy_real"] = per_real[c]
 
 
-def save_stats(path, real, custom):
+def save_stats(path, real, custom, opts):
     """The real set's statistics and features as an .npz (pytorch-fid's mu/sigma plus feature arrays)."""
-    arrays = {"n_images": np.int64(real.n)}
+    arrays = {"n_images": np.int64(real.n), "intensity": np.array(json.dumps(opts.to_config()))}
     key = "custom" if custom else "inception"
     arrays["mu"], arrays["sigma"] = feature_stats(real.features[key])
     if custom:
@@ -428,12 +469,12 @@ def run(args):
     t0 = time.time()
     args.real = args.real or REAL_IMAGES_DIR
     args.gen = args.gen or GEN_IMAGES_DIR
-    check_args(args)
+    opts = check_args(args)
     device = pick_device(args.device)
     custom = args.feature_extractor is not None
     fd_net, nn_net = ("custom", "custom") if custom else ("inception", "vgg")
-    real = load_side("real", args.real, "--real")
-    gen = load_side("gen", args.gen, "--gen")
+    real = load_side("real", args.real, "--real", opts)
+    gen = load_side("gen", args.gen, "--gen", opts)
     if not custom:
         check_npz_dims(real, "--real")
         check_npz_dims(gen, "--gen")
@@ -446,9 +487,11 @@ def run(args):
         raise UserError("--classifier needs class subfolders in --gen (e.g. gen/digit_0/*.png, as the "
                         "per-class inference scripts write)")
     notes = []
+    opts = fit_window(opts, real, gen, notes)  # once, on the real side: both sides are read through it
+    notes += opts.notes
     for side in (real, gen):
         if side.files:
-            notes += validate_images(side.path, side.files, side.path.name)
+            notes += validate_images(side.path, side.sources, side.path.name, opts)
 
     builders = {"inception": lambda: build_inception(args.inception_weights, args.trust_checkpoint),
                 "vgg": lambda: build_vgg(args.vgg_weights, args.trust_checkpoint),
@@ -477,7 +520,7 @@ def run(args):
             want["real"].add("classifier")
     for side in (real, gen):
         if not side.is_npz:
-            fill_features(side, want[side.role], get_net, weight_files, args, device, notes)
+            fill_features(side, want[side.role], get_net, weight_files, args, device, notes, opts)
 
     labels = {"fd": Path(args.feature_extractor).name if custom else "InceptionV3",
               "nn": Path(args.feature_extractor).name if custom else "VGG16"}
@@ -506,12 +549,12 @@ def run(args):
         "fd_features": labels["fd"], "nn_features": labels["nn"],
         "feature_extractor": args.feature_extractor, "classifier": args.classifier,
         "inception_weights": args.inception_weights, "vgg_weights": args.vgg_weights,
-        "decoding": DECODING, "pr_k": args.pr_k, "dc_k": args.dc_k, "kid_subsets": args.kid_subsets,
-        "kid_subset_size": args.kid_subset_size, "seed": args.seed,
+        "decoding": DECODING, "intensity": opts.to_config(), "pr_k": args.pr_k, "dc_k": args.dc_k,
+        "kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size, "seed": args.seed,
         "seconds": round(time.time() - t0, 2)}
-    print_report(res, labels, real, gen, notes)
+    print_report(res, labels, real, gen, notes, opts)
     if args.save_stats:
-        save_stats(args.save_stats, real, custom)
+        save_stats(args.save_stats, real, custom, opts)
     if args.json:
         write_json(args.json, res)
     return res

@@ -1,12 +1,16 @@
 """Class-folder image data for the LDM: validation, loading to [-1, 1], splits, batch order, latent cache.
 
     data_root/<class_name>/<image>.png   (class names sorted -> labels 0..C-1)
+    data_root/<class_name>/<patient>_slice_000.dcm, <volume>.nii.gz ...   (medical.py: one image per slice)
 
 Not run directly; `train.py` and `train_vae.py` use it. Every file is decoded once up front so a broken
 file is named before any training starts. Pixels follow the repository's one image rule (imaging.py,
 vendored; "How images are read" in the top README): integers / their type's maximum (16-bit never
 clipped), float must be in [0, 1], alpha dropped, palettes expanded, shorter side resized (antialiased
-bilinear) and centre-cropped. Grayscale data stays 1-channel here.
+bilinear) and centre-cropped. Grayscale data stays 1-channel here. DICOM / NIfTI files (medical.py,
+vendored) become one sample per 2-D slice or frame (an imaging.Source), read through one intensity
+window fixed from the data before training (`fit_window`) and stored in every checkpoint; validation
+splits keep every patient / study / volume on one side (`split_train_val` with `groups`).
 Randomness (order, flips) is a pure function of (seed, epoch, index), so resumed runs and any
 `--num_workers` see the same batches.
 """
@@ -18,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imaging import IMAGE_EXTENSIONS, ImageError, check_image, decode_image, resize_image
+import medical
+from imaging import (ALL_EXTENSIONS, IMAGE_EXTENSIONS, ImageError, as_source, check_image, decode_image,
+                     resize_image)
 from imaging import list_images as _list_image_files
 from utils import UserError
 
@@ -30,8 +36,11 @@ def list_images(folder):
     return _list_image_files(folder)
 
 
-def scan_class_folders(root):
-    """Validate `root/<class>/<images>`; return (class_names, [(path, label)], channels 1 or 3)."""
+def scan_class_folders(root, opts=None):
+    """Validate `root/<class>/<images>`; return (class_names, [(Source, label)], channels 1 or 3).
+
+    DICOM / NIfTI files give one Source per slice / frame (medical.expand: --slice_range, constant slices
+    skipped); `opts` (medical.ReadOptions) is what every image is checked with."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"--data_root {root} is not a folder")
@@ -45,26 +54,61 @@ def scan_class_folders(root):
     for label, name in enumerate(classes):
         files = list_images(root / name)
         if not files:
-            raise UserError(f"class folder {root / name} has no images ({', '.join(sorted(IMAGE_EXTS))}); "
+            raise UserError(f"class folder {root / name} has no images ({', '.join(sorted(ALL_EXTENSIONS))}); "
                             f"add images or remove the folder")
-        for f in files:
-            channels = max(channels, verify_image(f).channels)
-            samples.append((f, label))
+        try:
+            sources = medical.expand(files, opts)
+        except ImageError as e:
+            raise UserError(str(e)) from None
+        for src in sources:
+            channels = max(channels, verify_image(src, opts).channels)
+            samples.append((src, label))
     return classes, samples, channels
 
 
-def verify_image(path):
-    """Decode an image file fully (as training will); return its ImageInfo, UserError naming it if unusable."""
+def verify_image(src, opts=None):
+    """Decode an image (file or slice) fully, as training will; its ImageInfo, or UserError naming it."""
     try:
-        return check_image(path)
+        return check_image(src, opts=opts)
     except ImageError as e:
         raise UserError(str(e)) from None
 
 
-def load_image(path, image_size, channels):
+def read_options(args, stored=None):
+    """medical.ReadOptions of the read flags (UserError naming a bad flag); on --resume the stored ones.
+
+    `stored` is the "intensity" dict of a resumed checkpoint's config: its window is used as it is (never
+    re-fitted); a read flag given with another value than the first run's is refused (medical.resume_options)."""
+    try:
+        opts = medical.options_from_args(args)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    try:
+        return medical.resume_options(opts, stored)
+    except ValueError as e:
+        raise UserError(f"--resume: {e}") from None
+
+
+def fit_window(opts, samples):
+    """opts with the window fixed from the data once (auto / percentiles); UserError for an impossible mode."""
+    try:
+        return opts.fit([src for src, _ in samples])
+    except (ValueError, ImageError) as e:
+        raise UserError(str(e)) from None
+
+
+def groups_of(samples, opts):
+    """The patient / study / volume of every sample (medical.group_of), for splits; UserError for a regex miss."""
+    try:
+        return [medical.group_of(src, opts) for src, _ in samples]
+    except ImageError as e:
+        raise UserError(f"--group_regex: {e}") from None
+
+
+def load_image(src, image_size, channels, opts=None):
     """Decode to float [0,1], resize shorter side + centre crop, return (channels,H,W) in [-1,1]."""
     try:
-        x = resize_image(decode_image(path, channels), image_size)
+        x = resize_image(decode_image(src, channels, opts), image_size)
     except ImageError as e:
         raise UserError(str(e)) from None
     return x * 2 - 1
@@ -80,39 +124,41 @@ def flip_decision(seed, epoch, index):
     return bool(np.random.default_rng([seed, epoch, index]).random() < 0.5)
 
 
-def split_train_val(labels, class_names, val_split, seed):
-    """Stratified split: per class round(val_split * n) (at least 1) images held out; return index lists."""
+def split_train_val(labels, class_names, val_split, seed, groups=None):
+    """Stratified split holding out about round(val_split * n) (at least 1) images per class -> index lists.
+
+    Whole groups only (medical.group_split): the slices of one patient / study / volume (`groups`, one
+    key per image) never land on both sides; without groups every image is its own group."""
     labels = np.asarray(labels)
     if val_split <= 0:
         return list(range(len(labels))), []
-    rng = np.random.default_rng(seed)
-    train, val = [], []
     for c, name in enumerate(class_names):
-        idx = np.flatnonzero(labels == c)
-        n_val = max(1, int(round(val_split * len(idx))))
-        if len(idx) - n_val < 1:
-            raise UserError(f"class '{name}' has {len(idx)} image(s); --val_split {val_split} needs at least "
+        n = int((labels == c).sum())
+        n_val = max(1, int(round(val_split * n)))
+        if n - n_val < 1:
+            raise UserError(f"class '{name}' has {n} image(s); --val_split {val_split} needs at least "
                             f"{n_val + 1} per class (validation + training); add images or pass --val_split 0")
-        idx = rng.permutation(idx)
-        val += idx[:n_val].tolist()
-        train += idx[n_val:].tolist()
-    return sorted(train), sorted(val)
+    groups = list(range(len(labels))) if groups is None else list(groups)
+    try:  # class names as labels: the one-line error names the class
+        return medical.group_split(groups, [class_names[c] for c in labels], val_split, seed)
+    except ValueError as e:
+        raise UserError(f"--val_split {val_split}: {e}; add patients or pass --val_split 0") from None
 
 
 class ImageDataset(torch.utils.data.Dataset):
     """Items are (image in [-1,1], label, index); keys are (index, epoch) so flips follow (seed, epoch, index)."""
 
-    def __init__(self, samples, image_size, channels, seed=0, random_flip=False):
+    def __init__(self, samples, image_size, channels, seed=0, random_flip=False, opts=None):
         self.samples, self.image_size, self.channels = samples, image_size, channels
-        self.seed, self.random_flip = seed, random_flip
+        self.seed, self.random_flip, self.opts = seed, random_flip, opts
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, -1)
-        path, label = self.samples[index]
-        x = load_image(path, self.image_size, self.channels)
+        src, label = self.samples[index]
+        x = load_image(src, self.image_size, self.channels, self.opts)
         if self.random_flip and epoch >= 0 and flip_decision(self.seed, epoch, index):
             x = x.flip(-1)
         return x, label, index
@@ -167,19 +213,20 @@ class EpochBatches(torch.utils.data.Sampler):
 
 
 def data_fingerprint(samples, root):
-    """Names, sizes and mtimes of every data file (what decides whether a latent cache is still valid)."""
+    """Names, slice indices, sizes and mtimes of every sample (what decides whether a latent cache is valid)."""
     root = Path(root)
     out = []
-    for path, label in samples:
-        st = os.stat(path)
-        out.append([str(Path(path).relative_to(root)), label, st.st_size, st.st_mtime_ns])
+    for src, label in samples:
+        src = as_source(src)
+        st = os.stat(src.path)
+        out.append([str(src.path.relative_to(root)), src.index, label, st.st_size, st.st_mtime_ns])
     return out
 
 
-def cache_key(samples, root, image_size, random_flip, vae_identity):
-    """Hex digest of everything the cached latents depend on."""
+def cache_key(samples, root, image_size, random_flip, vae_identity, intensity=None):
+    """Hex digest of everything the cached latents depend on (files, slices, size, flips, VAE, window)."""
     blob = json.dumps({"files": data_fingerprint(samples, root), "image_size": image_size,
-                       "flip": bool(random_flip), "vae": vae_identity}, sort_keys=True)
+                       "flip": bool(random_flip), "vae": vae_identity, "intensity": intensity}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -196,9 +243,9 @@ def load_latent_cache(path, key):
 
 
 @torch.no_grad()
-def encode_dataset(samples, image_size, channels, encode, batch_size, random_flip, num_workers=0):
+def encode_dataset(samples, image_size, channels, encode, batch_size, random_flip, num_workers=0, opts=None):
     """Run `encode(images) -> (mean, std)` over every sample (and its mirror image if flips are on)."""
-    ds = ImageDataset(samples, image_size, channels)
+    ds = ImageDataset(samples, image_size, channels, opts=opts)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     out = {"mean": [], "std": [], "mean_flip": [], "std_flip": []}
     for x, _, _ in loader:

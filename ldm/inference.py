@@ -10,6 +10,9 @@ Images go to <output_dir>/<checkpoint>_<scheduler><steps>_cfg<scale>_seed<seed>[
 <class_name>_seed<S>.png, one PNG per image; image j of class c uses seed + 1000000*c + j, so the
 output does not depend on --batch_size. Existing files are never overwritten: a rerun only fills in
 what is missing. The model is rebuilt from the checkpoint (EMA weights unless --no_ema).
+--output_format png16 | nifti | dicom (medical.py) writes <class_name>_seed<S>.png / .nii.gz / .dcm
+instead; nifti and dicom map the image back to physical units (e.g. HU) through the intensity window
+stored in the checkpoint.
 """
 import time
 from pathlib import Path
@@ -18,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+import medical
+from imaging import decode_image
 from models import SCHEDULERS, denoiser_from_checkpoint, load_vae, sample_images
 from runtime import (FlagParser, UserError, autocast, check_writable, pick_device, resolve_precision, run_main,
                      save_png_once, save_png_replace, setup_cuda_speedups, to_pil)
@@ -40,6 +45,7 @@ def add_sampling_flags(p):
     p.add_argument("--no_ema", action="store_true", help="use the raw weights even if EMA weights exist")
     p.add_argument("--vae", default=None, help="override the VAE recorded in the checkpoint (hub id or folder)")
     p.add_argument("--trust_checkpoint", action="store_true", help="allow loading pickled checkpoints")
+    medical.add_output_flag(p)  # --output_format png | png16 | nifti | dicom
 
 
 def check_sampling_args(a):
@@ -101,6 +107,23 @@ class Generator:
         if self.vae.config.latent_channels != self.latent_channels:
             raise UserError(f"VAE '{vae_name}' has {self.vae.config.latent_channels} latent channels but the "
                             f"checkpoint's UNet expects {self.latent_channels}; pass the VAE it was trained with")
+        self.fmt = getattr(args, "output_format", "png")
+        if self.fmt == "nifti" and c["image_channels"] != 1:
+            raise UserError(f"--output_format nifti needs a 1-channel model; {args.checkpoint} makes "
+                            f"{c['image_channels']}-channel images (use png, png16 or dicom)")
+        # the training data's window (None: 8-bit data, or a checkpoint from before windows)
+        self.window = medical.ReadOptions.from_config((c.get("config") or {}).get("intensity")).window
+
+    def target(self, path):
+        """Where the image of job path `path` (written .png) really goes under --output_format."""
+        return Path(path) if self.fmt == "png" else medical.output_path(path, self.fmt)
+
+    def describe(self, class_idx, seed):
+        """The description stored in a NIfTI / DICOM output: model settings only, never a training file."""
+        a, c = self.args, self.ckpt
+        return (f"synthetic LDM image; class {c['class_names'][class_idx]}; seed {seed}; {a.scheduler} "
+                f"{a.num_inference_steps} steps; cfg {a.cfg_scale:g}; {'raw' if a.no_ema else 'EMA'} weights; "
+                f"training step {c.get('step', '?')}")
 
     def setup(self):
         """Move to the device, build the denoiser (heavy part, after all checks)."""
@@ -122,7 +145,7 @@ class Generator:
         """Generate the missing images of `jobs`; return (written, batches, seconds)."""
         from tqdm import tqdm
         a, c = self.args, self.ckpt
-        todo = [j for j in jobs if not Path(j[2]).exists()]
+        todo = [j for j in jobs if not self.target(j[2]).exists()]
         if len(todo) < len(jobs):
             self.log(f"{len(jobs) - len(todo)} of {len(jobs)} images already exist; generating the other {len(todo)}")
         written, batches, t0 = 0, 0, time.time()
@@ -135,8 +158,12 @@ class Generator:
                                  noise_config=c["noise_scheduler_config"], scheduler=a.scheduler,
                                  num_steps=a.num_inference_steps, cfg_scale=a.cfg_scale, device=self.device,
                                  autocast=self.autocast)
-            for img, (_, _, path) in zip(imgs, chunk):
-                written += save_png_once(float_to_pil(img), path)  # never overwrites a concurrent run's file
+            for img, (cls, seed, path) in zip(imgs, chunk):
+                if self.fmt == "png":
+                    written += save_png_once(float_to_pil(img), path)  # never overwrites a concurrent run's file
+                else:
+                    written += medical.write_image_once(img, path, self.fmt, self.window,
+                                                        self.describe(cls, seed)) is not None
             batches += 1
             bar.update(len(chunk))
         bar.close()
@@ -151,15 +178,18 @@ class Generator:
                      f"{seconds / max(1, batches * steps) * 1000:.1f} ms")
 
 
-def write_grid(rows_of_paths, image_channels, path):
+def write_grid(rows_of_paths, image_channels, path, fmt="png"):
     """Rows = classes, columns = that class's images (existing files only); written via atomic replace."""
     import torchvision
     tiles, ncol = [], max(len(r) for r in rows_of_paths)
     for row in rows_of_paths:
         for f in row:
-            with Image.open(f) as im:
-                arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-            tiles.append(torch.from_numpy(arr).permute(2, 0, 1))
+            if fmt == "png":
+                with Image.open(f) as im:
+                    arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+                tiles.append(torch.from_numpy(arr).permute(2, 0, 1))
+            else:  # png16 / NIfTI / DICOM outputs: read back through their own window to [0, 1]
+                tiles.append(decode_image(f, 3))
         tiles += [torch.ones_like(tiles[-1])] * (ncol - len(row)) if tiles else []
     if not tiles:
         return None
@@ -196,8 +226,8 @@ def main(argv=None):
     written, batches, secs = gen.run(jobs)
     gen.report(written, batches, secs)
     if args.save_grid:
-        rows = [[j[2] for j in jobs if j[0] == c and Path(j[2]).exists()] for c in classes]
-        grid = write_grid(rows, gen.ckpt["image_channels"], folder / "grid.png")
+        rows = [[gen.target(j[2]) for j in jobs if j[0] == c and gen.target(j[2]).exists()] for c in classes]
+        grid = write_grid(rows, gen.ckpt["image_channels"], folder / "grid.png", gen.fmt)
         print(f"grid: {grid}")
     print(f"images in {folder}")
     return 0

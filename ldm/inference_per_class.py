@@ -4,7 +4,8 @@
     python inference_per_class.py --checkpoint ./ldm_checkpoints/checkpoint_best.pt \
         --output_dir ./generated_per_class --total_samples 8000 --batch_size 16 --cfg_scale 3.0
 
-Writes <output_dir>/<class_name>/<class_name>_seed<S>.png (the layout evaluation/ reads). With C
+Writes <output_dir>/<class_name>/<class_name>_seed<S>.png (the layout evaluation/ reads; .nii.gz / .dcm
+with --output_format nifti / dicom). With C
 classes each gets total_samples // C images, the first total_samples % C classes one more. Resumable:
 a rerun with the same settings fills in only the missing files; the settings are recorded in
 <output_dir>/generation_settings.json and a rerun with other settings is refused rather than mixed in.
@@ -29,13 +30,15 @@ def check_settings(out, args):
     path = out / "generation_settings.json"
     now = {k: (str(Path(v).expanduser().resolve()) if k == "checkpoint" else v)
            for k, v in vars(args).items() if k in SETTINGS_THAT_CHANGE_IMAGES}
+    if args.output_format != "png":  # recorded only when not png: folders of earlier versions stay valid
+        now["output_format"] = args.output_format
     if path.is_file():
         try:
             before = json.loads(path.read_text())
         except ValueError:
             before = None
         if before is not None and before != now:
-            diff = {k: (before.get(k), now.get(k)) for k in now if before.get(k) != now.get(k)}
+            diff = {k: (before.get(k), now.get(k)) for k in {**before, **now} if before.get(k) != now.get(k)}
             raise UserError(f"{out} already holds images generated with other settings {diff}; "
                             f"use another --output_dir (or the same settings to complete it)")
     return path, now
@@ -71,7 +74,7 @@ def main(argv=None):
     print(f"{len(classes)} classes x ~{counts[0]} images = {sum(counts)} -> {out}/<class_name>/")
     written, batches, secs = gen.run(jobs)
     gen.report(written, batches, secs)
-    have = {names[c]: sum(1 for j in jobs if j[0] == c and j[2].exists()) for c in classes}
+    have = {names[c]: sum(1 for j in jobs if j[0] == c and gen.target(j[2]).exists()) for c in classes}
     print(f"per-class counts: {have}")
     return 0
 

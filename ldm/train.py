@@ -25,8 +25,9 @@ from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 
-from dataset import (EpochBatches, ImageDataset, LatentDataset, cache_key, encode_dataset, load_latent_cache,
-                     scan_class_folders, split_train_val)
+import medical
+from dataset import (EpochBatches, ImageDataset, LatentDataset, cache_key, encode_dataset, fit_window, groups_of,
+                     load_latent_cache, read_options, scan_class_folders, split_train_val)
 from models import (DEFAULT_NOISE_SCHEDULE, DEFAULT_VAE, UNET_PRESETS, ClassEmbedder, Denoiser, build_unet,
                     check_image_size, load_vae, plain_config, sample_images, unet_kwargs, vae_downsample_factor,
                     vae_identity, vae_posterior)
@@ -146,7 +147,8 @@ def build_checkpoint(args, denoiser, ema, optimizer, lr_scheduler, accelerator, 
         "vae": meta["vae"], "vae_scaling_factor": float(meta["scaling_factor"]),
         "image_size": int(args.image_size), "image_channels": int(meta["image_channels"]),
         "noise_scheduler_config": dict(meta["noise_config"]),
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                   "intensity": dict(meta["intensity"])},  # the window inference maps outputs back through
         "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
         "step": step, "epoch": epoch, "position_in_epoch": pos,
@@ -158,12 +160,16 @@ def check_inputs(args, out):
     """Everything a user can get wrong, checked before any heavy work or write -> what was built on the way."""
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
     resume = load_resume_checkpoint(args, out, "ldm")
-    class_names, samples, image_channels = scan_class_folders(args.data_root)
+    stored = (resume.get("config") or {}).get("intensity") if resume is not None else None
+    opts = read_options(args, stored)  # a resumed run keeps its window (never re-fitted)
+    class_names, samples, image_channels = scan_class_folders(args.data_root, opts)
     if resume is not None and list(resume["class_names"]) != class_names:
         raise UserError(f"--resume: the checkpoint was trained on classes {resume['class_names']}, "
                         f"but --data_root has {class_names}")
+    if stored is None:
+        opts = fit_window(opts, samples)  # once, on the whole data set: every image and checkpoint share it
     labels = [lbl for _, lbl in samples]
-    train_idx, val_idx = split_train_val(labels, class_names, args.val_split, args.seed)
+    train_idx, val_idx = split_train_val(labels, class_names, args.val_split, args.seed, groups_of(samples, opts))
     global_batch = args.batch_size * world_env * args.gradient_accumulation_steps
     if len(train_idx) < global_batch:
         raise UserError(f"the training split has {len(train_idx)} images, fewer than one global batch "
@@ -183,7 +189,7 @@ def check_inputs(args, out):
                       if resume["unet_config"].get(k) != plain_config(unet.config).get(k))
         raise UserError(f"--resume: the checkpoint holds a UNet of another size/shape (differs in {diff}); "
                         f"pass the same --unet_preset / size flags and --image_size / --vae as the first run")
-    return SimpleNamespace(resume=resume, class_names=class_names, samples=samples, labels=labels,
+    return SimpleNamespace(resume=resume, class_names=class_names, samples=samples, labels=labels, opts=opts,
                            image_channels=image_channels, train_idx=train_idx, val_idx=val_idx, vae=vae,
                            vae_source=vae_source, factor=factor, latent_size=latent_size,
                            latent_channels=latent_channels, ukw=ukw, unet=unet)
@@ -195,7 +201,7 @@ def build_model(args, b):
                         beta_start=DEFAULT_NOISE_SCHEDULE["beta_start"], beta_end=DEFAULT_NOISE_SCHEDULE["beta_end"],
                         prediction_type=args.prediction_type)
     meta = dict(class_names=b.class_names, vae=b.vae_source, scaling_factor=float(b.vae.config.scaling_factor),
-                image_channels=b.image_channels, noise_config=noise_config)
+                image_channels=b.image_channels, noise_config=noise_config, intensity=b.opts.to_config())
     torch.manual_seed(args.seed + 1)
     embedder = ClassEmbedder(len(b.class_names), b.ukw["cross_attention_dim"])
     return DDPMScheduler(**noise_config), meta, Denoiser(b.unet, embedder)
@@ -206,7 +212,8 @@ def make_data(args, b, accelerator, out, log):
     encode = make_encoder(b.vae, accelerator)
     if args.cache_latents:
         cache_path = out / "latent_cache.pt"
-        key = cache_key(b.samples, args.data_root, args.image_size, args.random_flip, vae_identity(b.vae, b.vae_source))
+        key = cache_key(b.samples, args.data_root, args.image_size, args.random_flip, vae_identity(b.vae, b.vae_source),
+                        b.opts.to_config())  # slices and window in the key: a changed window re-encodes
         if accelerator.is_main_process:
             if load_latent_cache(cache_path, key) is not None:
                 log.info(f"reusing latent cache {cache_path}")
@@ -215,14 +222,14 @@ def make_data(args, b, accelerator, out, log):
                          f"{' + flipped copies' if args.random_flip else ''})")
                 t0 = time.time()
                 cache = encode_dataset(b.samples, args.image_size, b.image_channels, encode, args.batch_size,
-                                       args.random_flip)
+                                       args.random_flip, opts=b.opts)
                 cache["key"] = key
                 atomic_save(cache, cache_path)
                 log.info(f"latent cache written in {time.time() - t0:.1f}s")
         accelerator.wait_for_everyone()
         ds = LatentDataset(load_latent_cache(cache_path, key), b.labels, args.seed, args.random_flip)
     else:
-        ds = ImageDataset(b.samples, args.image_size, b.image_channels, args.seed, args.random_flip)
+        ds = ImageDataset(b.samples, args.image_size, b.image_channels, args.seed, args.random_flip, b.opts)
 
     def batch_params(batch):
         if args.cache_latents:
@@ -308,6 +315,8 @@ def main(argv=None):
              f"{'...' if len(b.class_names) > 10 else ''}, {len(b.train_idx)} train / {len(b.val_idx)} val, "
              f"{b.image_channels} channel(s); latents {b.latent_channels}x{b.latent_size}x{b.latent_size} "
              f"(VAE factor {b.factor}, scaling {meta['scaling_factor']:.5f})")
+    for line in medical.describe_data([s for s, _ in b.samples], b.labels, b.class_names, b.opts):
+        log.info(f"data: {line}")
     log.info("parameters:\n" + param_table({"VAE": b.vae, "UNet": b.unet, "class embedder": denoiser.class_embedder}))
     train_ds, batch_params, val_params = make_data(args, b, accelerator, out, log)
     if torch.cuda.is_available():

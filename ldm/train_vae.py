@@ -28,7 +28,8 @@ from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 
-from dataset import EpochBatches, ImageDataset, scan_class_folders
+import medical
+from dataset import EpochBatches, ImageDataset, fit_window, read_options, scan_class_folders
 from models import check_image_size, load_vae, plain_config, to_vae_input, vae_downsample_factor
 from runtime import (FlagParser, StopFlags, Throughput, TrainingError, UserError, check_writable, generator, memory_mb,
                      optimizer_kwargs, param_table, remove_stale_temporaries, rng_state, run_main)
@@ -171,7 +172,11 @@ def main(argv=None):
     out = Path(args.output_dir).expanduser().resolve()
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
     resume = load_resume_checkpoint(args, out, "ldm_vae")
-    class_names, samples, channels = scan_class_folders(args.data_root)
+    stored = (resume.get("config") or {}).get("intensity") if resume is not None else None
+    opts = read_options(args, stored)  # a resumed run keeps its window (never re-fitted)
+    class_names, samples, channels = scan_class_folders(args.data_root, opts)
+    if stored is None:
+        opts = fit_window(opts, samples)
     if len(samples) < args.batch_size * world_env:
         raise UserError(f"{len(samples)} images are fewer than one global batch ({args.batch_size} x {world_env}); "
                         f"lower --batch_size")
@@ -185,9 +190,11 @@ def main(argv=None):
     log.info(f"data: {len(samples)} images in {len(class_names)} classes, {channels} channel(s), {args.image_size}px; "
              f"VAE {'fine-tuned from ' + args.init if args.init else 'from scratch (' + args.preset + ')'}, "
              f"factor {vae_downsample_factor(vae)}, {vae.config.latent_channels} latent channels")
+    for line in medical.describe_data([src for src, _ in samples], [lbl for _, lbl in samples], class_names, opts):
+        log.info(f"data: {line}")
     log.info("parameters:\n" + param_table({"VAE encoder": vae.encoder, "VAE decoder": vae.decoder, "VAE (all)": vae}))
     set_seed(args.seed * world + rank)  # per-rank streams for anything not seeded per step
-    ds = ImageDataset(samples, args.image_size, channels, args.seed, args.random_flip)
+    ds = ImageDataset(samples, args.image_size, channels, args.seed, args.random_flip, opts)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.learning_rate, weight_decay=0.0, **optimizer_kwargs(device))
     steps_per_epoch = EpochBatches.num_batches(len(ds), args.batch_size, world)
     total_steps = min(args.num_epochs * steps_per_epoch, args.max_train_steps or math.inf)
@@ -205,7 +212,7 @@ def main(argv=None):
                 "vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "step": step, "epoch": epoch, "position_in_epoch": pos, "rng_state": rng_state(),
-                "class_names": class_names, "config": vars(args)}
+                "class_names": class_names, "config": {**vars(args), "intensity": opts.to_config()}}
 
     writer = None
     if accelerator.is_main_process:

@@ -9,6 +9,7 @@ import os
 
 import torch
 
+import medical
 from runtime import (EMA, TrainingError, UserError, add_resume_flag, atomic_save,  # noqa: F401
                      finish_distributed, get_logger, load_checkpoint as _load_checkpoint, resolve_precision,
                      resolve_resume, set_rng_state, setup_cuda_speedups)
@@ -39,6 +40,7 @@ def add_run_flags(p, output_dir, num_epochs, lr_warmup_steps):
     add_resume_flag(p)
     p.add_argument("--trust_checkpoint", action="store_true", help="allow loading pickled checkpoints")
     p.add_argument("--seed", type=int, default=42)
+    medical.add_read_flags(p)  # --intensity_window, --slice_axis, --slice_range, --group_regex
 
 
 def check_run_flags(a):

@@ -203,7 +203,7 @@ def test_cache_latents_equal_on_the_fly_and_invalidation(tmp_path, tiny_vae):
     assert key == dataset.cache_key(samples, data, 16, True, ident)
     assert key != dataset.cache_key(samples, data, 16, False, ident)
     assert key != dataset.cache_key(samples, data, 16, True, "other-vae")
-    Image.fromarray(np.full((16, 17), 9, np.uint8), mode="L").save(samples[0][0])
+    Image.fromarray(np.full((16, 17), 9, np.uint8), mode="L").save(samples[0][0].path)  # samples hold Sources
     assert key != dataset.cache_key(samples, data, 16, True, ident)
 
 

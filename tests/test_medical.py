@@ -119,7 +119,7 @@ def test_nifti_slice_range_skips_constant_slices_and_applies_scaling(tmp_path):
     assert sources[0].stem == "v_0002" and sources[0].name == "v.nii.gz[2]"
 
 
-def test_16bit_png_window_only_when_named_and_8bit_never(tmp_path):
+def test_16bit_png_windowed_only_with_window_16bit_and_8bit_never(tmp_path):
     from PIL import Image
     arr16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
     Image.fromarray(arr16).save(tmp_path / "a16.png")
@@ -128,9 +128,12 @@ def test_16bit_png_window_only_when_named_and_8bit_never(tmp_path):
     auto = medical.ReadOptions().fit(imaging.list_images(tmp_path))
     assert auto.window is None
     np.testing.assert_array_equal(decode(tmp_path / "a16.png", auto), arr16 / np.float32(65535))
-    named = medical.ReadOptions("10000,50000").fit(imaging.list_images(tmp_path))
-    np.testing.assert_allclose(decode(tmp_path / "a16.png", named), windowed(arr16, 10000, 50000), atol=1e-6)
-    np.testing.assert_array_equal(decode(tmp_path / "b8.png", named), arr8 / np.float32(255))
+    named = medical.ReadOptions("10000,50000").fit(imaging.list_images(tmp_path))  # a window for DICOM / NIfTI
+    np.testing.assert_array_equal(decode(tmp_path / "a16.png", named), arr16 / np.float32(65535))
+    opted = medical.ReadOptions("10000,50000", window_16bit=True).fit(imaging.list_images(tmp_path))
+    np.testing.assert_allclose(decode(tmp_path / "a16.png", opted), windowed(arr16, 10000, 50000), atol=1e-6)
+    np.testing.assert_array_equal(decode(tmp_path / "b8.png", opted), arr8 / np.float32(255))
+    assert medical.ReadOptions.from_config(opted.to_config()).windows_2d()
 
 
 def test_outputs_round_trip_through_the_window_and_never_overwrite(tmp_path):
@@ -244,3 +247,19 @@ def test_compressed_dicom_without_its_decoder_names_the_package(tmp_path):
         pass
     with pytest.raises(imaging.ImageError, match=r"is compressed \(JPEG 2000.*pip install pylibjpeg pylibjpeg-openjpeg"):
         imaging.check_image(path)
+
+
+def test_resume_keeps_the_stored_options_and_refuses_a_conflicting_flag():
+    stored = medical.ReadOptions("auto").to_config()
+    stored["window"], stored["origin"] = [-160.0, 240.0], "the files' own window"
+    for same in (medical.ReadOptions(), medical.ReadOptions("-160,240"), medical.ReadOptions(slice_axis="axial")):
+        assert medical.resume_options(same, stored).window == (-160.0, 240.0)
+    for other, flag in ((medical.ReadOptions("lung"), "--intensity_window lung"),
+                        (medical.ReadOptions(slice_axis="coronal"), "--slice_axis 1"),
+                        (medical.ReadOptions(slice_range="2:5"), "--slice_range (2, 5)"),
+                        (medical.ReadOptions(window_16bit=True), "--window_16bit True")):
+        with pytest.raises(ValueError, match="differs from the run being resumed") as e:
+            medical.resume_options(other, stored)
+        assert str(e.value).startswith(flag)
+    fresh = medical.ReadOptions("bone")
+    assert medical.resume_options(fresh, None) is fresh  # a run from before windows: the given options

@@ -32,7 +32,8 @@ Intensity window (--intensity_window; x = clip((v - LOW) / (HIGH - LOW), 0, 1) o
 Whatever the mode, the window is fixed for the whole data set before training (`fit`), stored in every
 checkpoint (`to_config`) and used to map outputs back to physical units. It applies to DICOM and NIfTI;
 16-bit and float PNG / TIFF files are windowed in their stored units only when a window is named (not
-`auto`); 8-bit files are display values and are never windowed.
+`auto`) and --window_16bit says so (png16 outputs are display values, not stored units); 8-bit files
+are display values and are never windowed.
 Groups (patient-level splits): DICOM PatientID, else StudyInstanceUID; a NIfTI volume; any other file on
 its own; `--group_regex` (first group of a match on the file name, or the whole match) overrides. Patient
 identifiers stay in memory: summaries print counts, nothing is written.
@@ -126,8 +127,9 @@ def parse_range(text):
 class ReadOptions:
     """How files in physical units become [0, 1] images: the window, the slicing, the grouping."""
 
-    def __init__(self, window="auto", slice_axis="axial", slice_range=None, group_regex=None):
+    def __init__(self, window="auto", slice_axis="axial", slice_range=None, group_regex=None, window_16bit=False):
         self.spec = str(window)
+        self.window_16bit = bool(window_16bit)
         self.mode = parse_window(window)
         self.slice_axis = parse_axis(slice_axis)
         self.slice_range = parse_range(slice_range) if not isinstance(slice_range, (tuple, list)) else tuple(slice_range)
@@ -142,8 +144,8 @@ class ReadOptions:
         self.notes = []
 
     def windows_2d(self):
-        """True when the user named a window: then 16-bit / float 2-D files are windowed too."""
-        return self.mode[0] != "auto"
+        """True when 16-bit / float 2-D files are windowed too: a named window and --window_16bit."""
+        return self.window_16bit and self.mode[0] != "auto"
 
     def fit(self, sources):
         """A copy whose window is fixed from the data (auto / percentiles); explicit windows are kept."""
@@ -180,14 +182,15 @@ class ReadOptions:
         """Plain dict for checkpoints (no patient data: the window, its origin and the slicing settings)."""
         return {"window": list(self.window) if self.window is not None else None, "spec": self.spec,
                 "origin": self.origin, "slice_axis": self.slice_axis,
-                "slice_range": list(self.slice_range) if self.slice_range else None, "group_regex": self.group_regex}
+                "slice_range": list(self.slice_range) if self.slice_range else None, "group_regex": self.group_regex,
+                "window_16bit": self.window_16bit}
 
     @classmethod
     def from_config(cls, cfg):
         """ReadOptions from to_config()'s dict (None or {} -> defaults: a checkpoint from before windows)."""
         cfg = cfg or {}
         out = cls(cfg.get("spec", "auto"), str(cfg.get("slice_axis", 2)), cfg.get("slice_range"),
-                  cfg.get("group_regex"))
+                  cfg.get("group_regex"), cfg.get("window_16bit", False))
         if cfg.get("window") is not None:
             out.window, out.origin = tuple(float(v) for v in cfg["window"]), cfg.get("origin", "")
         return out
@@ -206,9 +209,12 @@ def add_read_flags(parser):
     def flag(name, **kw):
         parser.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, **kw)
     flag("intensity_window", default="auto", metavar="WINDOW",
-         help="window for DICOM / NIfTI (and, when named, 16-bit / float) data in its own units: auto (the files' "
+         help="window for DICOM / NIfTI data in its own units: auto (the files' "
               "own window, else the 0.5-99.5th percentiles), LOW,HIGH (e.g. -160,240 HU), pLOW,pHIGH "
               f"(percentiles of the data set) or a CT preset ({', '.join(sorted(WINDOW_PRESETS))})")
+    parser.add_argument("--window_16bit", "--window-16bit", dest="window_16bit", action="store_true",
+                        help="also window 16-bit / float PNG and TIFF files, in their stored units, with a named "
+                             "--intensity_window (default: they keep the type-maximum rule)")
     flag("slice_axis", default="axial", metavar="AXIS", help="NIfTI volumes: slice along axial, coronal or sagittal")
     flag("slice_range", default=None, metavar="START:END", help="NIfTI volumes: only these slices (e.g. 20:80)")
     flag("group_regex", default=None, metavar="REGEX",
@@ -232,11 +238,36 @@ def add_output_flag(parser):
 def options_from_args(args):
     """ReadOptions from the flags of add_read_flags; ValueError (one line naming the flag) when one is wrong."""
     try:
-        return ReadOptions(args.intensity_window, args.slice_axis, args.slice_range, args.group_regex)
+        return ReadOptions(args.intensity_window, args.slice_axis, args.slice_range, args.group_regex,
+                           getattr(args, "window_16bit", False))
     except ValueError as e:
         flag = next((f for f in ("window", "axis", "range", "regex") if f in str(e).split("'")[0]), "window")
         name = {"window": "intensity_window", "axis": "slice_axis", "range": "slice_range", "regex": "group_regex"}[flag]
         raise ValueError(f"--{name}: {e}") from None
+
+
+def resume_options(given, stored):
+    """The ReadOptions of a resumed run: the stored ones, never re-fitted (`stored`: the checkpoint's "intensity"
+    dict; None -> `given`, for runs from before windows). A read flag given now with a value other than its
+    default and the stored run's is a ValueError naming it: a run never silently changes how it reads data."""
+    if not stored:
+        return given
+    old, default = ReadOptions.from_config(stored), ReadOptions()
+    same_window = given.mode == old.mode or (given.window is not None and old.window is not None
+                                             and np.allclose(given.window, old.window))
+    for name, now, before, dflt, same in (
+            ("intensity_window", given.spec, old.spec, "auto", same_window),
+            ("slice_axis", given.slice_axis, old.slice_axis, default.slice_axis, None),
+            ("slice_range", given.slice_range, old.slice_range, None, None),
+            ("group_regex", given.group_regex, old.group_regex, None, None),
+            ("window_16bit", given.window_16bit, old.window_16bit, False, None)):
+        if (given.mode[0] != "auto" if name == "intensity_window" else now != dflt) and not (
+                same if same is not None else now == before):
+            if name == "intensity_window" and old.window is not None:
+                before = f"{before} = [{old.window[0]:g}, {old.window[1]:g}]"
+            raise ValueError(f"--{name} {now} differs from the run being resumed ({before}); drop the flag (the "
+                             f"run keeps its own) or start a new run")
+    return old
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -279,7 +310,7 @@ def _import(name):
 def _dicom_read(path, header_only):
     pydicom = _import("pydicom")
     try:
-        return pydicom.dcmread(str(path), stop_before_pixels=header_only, force="." not in Path(path).name)
+        return pydicom.dcmread(str(path), stop_before_pixels=header_only, force=True)  # old files lack the preamble
     except Exception as e:
         raise ImageError(path, f"is not a readable DICOM file ({type(e).__name__}: {str(e)[:160]})") from None
 
@@ -613,6 +644,8 @@ def output_path(path, fmt):
     """`path` with the suffix of an output format (.png, .nii.gz, .dcm)."""
     path = Path(path)
     base = path.name[:-len(path.suffix)] if path.suffix else path.name
+    if path.name.lower().endswith(".nii.gz"):  # idempotent: x.nii.gz -> x.png, not x.nii.png / x.nii.nii.gz
+        base = path.name[:-len(".nii.gz")]
     return path.with_name(base + OUTPUT_SUFFIX[fmt])
 
 
