@@ -155,10 +155,11 @@ def generate(args):
     mc = int(ck["mask_channels"])
     for m in masks:  # every mask checked before any work or write
         check_mask_mode(m, verify_file(m, "mask", opts), mc)
-    fmt, window = args.output_format, trained.window  # outputs in the training data's units
-    if fmt == "nifti" and ldm.image_channels != 1:
-        raise UserError(f"--output_format nifti needs a 1-channel model; this LDM makes {ldm.image_channels}-channel "
-                        f"images (use png, png16 or dicom)")
+    fmt = args.output_format
+    try:  # outputs in the training data's units
+        window = medical.output_window(fmt, ldm.image_channels, trained.to_config(), args.checkpoint)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     class_names = ldm.class_names
     per_mask = [None] * len(masks)
     if args.class_label is not None or args.class_labels_csv:

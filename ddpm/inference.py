@@ -214,13 +214,10 @@ def sample(args):
     if not 1 <= steps <= d["noise_steps"]:
         raise UserError(f"--sampling-steps {steps} must be between 1 and the model's {d['noise_steps']} noise steps")
     fmt = args.output_format
-    if fmt == "nifti" and m["c_in"] != 1:
-        raise UserError(f"--output-format nifti writes one value per voxel, but {args.ckpt} makes {m['c_in']}-channel "
-                        f"(colour) images: use --output-format png, png16 or dicom")
-    try:
-        window = medical.ReadOptions.from_config(info.get("intensity")).window  # None: 8-bit data, [0, 1] out
-    except (ValueError, TypeError) as e:
-        raise UserError(f"{args.ckpt}: its stored intensity window is unreadable ({e})") from None
+    try:  # None: 8-bit data, [0, 1] written
+        window = medical.output_window(fmt, m["c_in"], info.get("intensity"), args.ckpt)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     ckpt_tag = f"{Path(args.ckpt).parent.name}_{Path(wpath).stem}{'_ema' if args.use_ema and wpath.name == 'train_state.pt' else ''}"
     out = Path(args.output_dir or f"samples/{ckpt_tag}_{args.sampler}{steps}_cfg{args.cfg_scale:g}_seed{args.seed}")
     settings = {"model_type": MODEL_TYPE, "weights": str(Path(wpath).resolve()), "use_ema": bool(args.use_ema),

@@ -270,14 +270,10 @@ def output_settings(args, meta, vinfo):
     """(format, window) of the output; UserError before sampling for NIfTI from a colour model."""
     fmt = args.output_format
     channels = 1 if meta.get("grayscale") or vinfo["image_channels"] == 1 else vinfo["image_channels"]
-    if fmt == "nifti" and channels != 1:
-        raise UserError(f"--output-format nifti writes one value per voxel, but {meta['source']} makes "
-                        f"{channels}-channel (colour) images: use --output-format png, png16 or dicom")
-    try:
-        window = medical.ReadOptions.from_config(meta.get("intensity")).window  # None: 8-bit data, [0, 1] out
-    except (ValueError, TypeError) as e:
-        raise UserError(f"{meta['source']}: its stored intensity window is unreadable ({e})") from None
-    return fmt, window
+    try:  # None: 8-bit data, [0, 1] written
+        return fmt, medical.output_window(fmt, channels, meta.get("intensity"), meta["source"])
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def description(meta, class_name, seed, args):

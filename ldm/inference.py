@@ -108,11 +108,11 @@ class Generator:
             raise UserError(f"VAE '{vae_name}' has {self.vae.config.latent_channels} latent channels but the "
                             f"checkpoint's UNet expects {self.latent_channels}; pass the VAE it was trained with")
         self.fmt = getattr(args, "output_format", "png")
-        if self.fmt == "nifti" and c["image_channels"] != 1:
-            raise UserError(f"--output_format nifti needs a 1-channel model; {args.checkpoint} makes "
-                            f"{c['image_channels']}-channel images (use png, png16 or dicom)")
-        # the training data's window (None: 8-bit data, or a checkpoint from before windows)
-        self.window = medical.ReadOptions.from_config((c.get("config") or {}).get("intensity")).window
+        try:  # the training data's window (None: 8-bit data, or a checkpoint from before windows)
+            self.window = medical.output_window(self.fmt, c["image_channels"], (c.get("config") or {}).get("intensity"),
+                                                args.checkpoint)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
     def target(self, path):
         """Where the image of job path `path` (written .png) really goes under --output_format."""

@@ -197,7 +197,7 @@ def test_ddpm_colour_model_refuses_nifti_before_sampling(tmp_path, capsys):
     capsys.readouterr()
     msg = run_main_expect(inference.main, ["--ckpt", str(ckpt), "--output-dir", str(tmp_path / "s"), *SAMPLE,
                                            "--output-format", "nifti"], capsys)
-    assert "--output-format nifti" in msg and "3-channel (colour)" in msg and "png, png16 or dicom" in msg
+    assert "--output_format nifti" in msg and "3-channel (colour)" in msg and "png, png16 or dicom" in msg
     assert not (tmp_path / "s").exists()
 
 
@@ -264,4 +264,4 @@ def test_dit_bad_medical_input_is_one_line_and_writes_nothing(ct_data, tiny_vae,
              "    print(e)\n")
     proc = subprocess.run([sys.executable, "-c", check], cwd=REPO / "dit", env=script_env(), capture_output=True,
                           text=True, timeout=300)
-    assert "--output-format nifti" in proc.stdout and "3-channel (colour)" in proc.stdout, proc.stdout + proc.stderr
+    assert "--output_format nifti" in proc.stdout and "3-channel (colour)" in proc.stdout, proc.stdout + proc.stderr

@@ -640,6 +640,20 @@ def describe_data(sources, labels, class_names, opts):
 # ---------------------------------------------------------------------------------------------- writing
 
 
+def output_window(fmt, channels, intensity, source):
+    """The window outputs are mapped back through (None: 8-bit data or an older checkpoint: [0, 1] written).
+
+    `intensity` is a checkpoint's "intensity" dict; ValueError (one line naming `source`) for NIfTI from a colour
+    model or an unreadable stored window, so an inference script stops before sampling."""
+    if fmt == "nifti" and channels != 1:
+        raise ValueError(f"--output_format nifti writes one value per voxel, but {source} makes {channels}-channel "
+                         f"(colour) images: use --output_format png, png16 or dicom")
+    try:
+        return ReadOptions.from_config(intensity).window
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{source}: its stored intensity window is unreadable ({e})") from None
+
+
 def output_path(path, fmt):
     """`path` with the suffix of an output format (.png, .nii.gz, .dcm)."""
     path = Path(path)
