@@ -45,7 +45,7 @@ import functools
 import os
 import re
 import tempfile
-from collections import Counter
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -371,6 +371,12 @@ def _dicom_pixels_cached(key):
     return arr
 
 
+# Decompressed .nii.gz volumes kept per process (each DataLoader worker has its own), least recently used
+# dropped first; a training set that fits is decompressed once instead of once per slice read.
+VOLUME_CACHE_MB = int(os.environ.get("MEDICAL_VOLUME_CACHE_MB", "1024"))
+_ARRAYS = OrderedDict()
+
+
 class _Volume:
     """A NIfTI file opened lazily: slices are read through nibabel's array proxy (memory-mapped for .nii), so
     a data set of many volumes never holds them all; `shape` is in canonical (RAS) axis order."""
@@ -387,9 +393,25 @@ class _Volume:
             raise ImageError(path, f"is a {len(shape)}-D volume (shape {shape}); only 2-D and 3-D volumes are read",
                              "split it into 3-D volumes (e.g. one per time point or channel)")
         self.path, self.stored = path, (shape + (1, 1))[:3]
+        self.compressed = str(path).lower().endswith(".gz")
         self.shape = tuple(self.stored[self._stored_axis(a)] for a in range(3))
         lo, hi = float(self.img.header.get("cal_min", 0)), float(self.img.header.get("cal_max", 0))
         self.cal = (lo, hi) if hi > lo else None
+
+    def array(self):
+        """The whole volume in storage order (float32), kept in a per-process cache of VOLUME_CACHE_MB."""
+        key = _key(self.path)
+        if key in _ARRAYS:
+            _ARRAYS.move_to_end(key)
+            return _ARRAYS[key]
+        try:
+            data = np.asarray(self.img.dataobj, dtype=np.float32).reshape(self.stored)
+        except Exception as e:
+            raise ImageError(self.path, f"has unreadable NIfTI data ({type(e).__name__}: {str(e)[:160]})") from None
+        _ARRAYS[key] = data
+        while len(_ARRAYS) > 1 and sum(a.nbytes for a in _ARRAYS.values()) > VOLUME_CACHE_MB * 2 ** 20:
+            _ARRAYS.popitem(last=False)
+        return data
 
     def _stored_axis(self, axis):
         return int(np.flatnonzero(self.ornt[:, 0] == axis)[0])
@@ -416,19 +438,19 @@ class _Volume:
         s = self._stored_axis(axis)
         index = [slice(None)] * 3
         index[s] = self.stored[s] - 1 - k if self.ornt[s, 1] < 0 else k
-        try:
-            sl = np.asarray(self.img.dataobj[tuple(index) + (0,) * (len(self.img.shape) - 3)], dtype=np.float64)
-        except Exception as e:
-            raise ImageError(self.path, f"has unreadable NIfTI data ({type(e).__name__}: {str(e)[:160]})") from None
+        if self.compressed:  # gzip has no random access: slice the whole volume, decompressed once and cached
+            sl = self.array()[tuple(index)].astype(np.float64)
+        else:
+            try:  # .nii is memory-mapped by nibabel: only this slice is read
+                sl = np.asarray(self.img.dataobj[tuple(index) + (0,) * (len(self.img.shape) - 3)], dtype=np.float64)
+            except Exception as e:
+                raise ImageError(self.path, f"has unreadable NIfTI data ({type(e).__name__}: {str(e)[:160]})") from None
         sl = self._canonical(sl.reshape([self.stored[i] for i in range(3) if i != s]), [i for i in range(3) if i != s])
         return self._check(sl).T[::-1, ::-1]
 
     def nonconstant(self, axis):
         """Which canonical slices along `axis` are not constant (one read of the whole volume)."""
-        try:
-            data = np.asarray(self.img.dataobj, dtype=np.float32).reshape(self.stored)
-        except Exception as e:
-            raise ImageError(self.path, f"has unreadable NIfTI data ({type(e).__name__}: {str(e)[:160]})") from None
+        data = self.array()
         s = self._stored_axis(axis)
         other = tuple(i for i in range(3) if i != s)
         keep = self._check(data).max(axis=other) > data.min(axis=other)

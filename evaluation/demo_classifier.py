@@ -1,13 +1,10 @@
 """Train a small digit CNN on a class-folder image set and export it as two TorchScript files (demo stage).
 
-    python demo_classifier.py --data OUT/evaluation/real_a --out OUT/evaluation [--epochs 8]
-    python demo_classifier.py --split_from DATA/digits --data OUT/evaluation/real_a \
-        --held_out OUT/evaluation/real_b --out OUT/evaluation          # split into halves A / B first
+    python demo_classifier.py --data DATA/digits --out OUT/evaluation [--epochs 8]
 
---split_from links the class folders' files into two halves (--data: A, --held_out: B) by whole patients
+The held-out accuracy it prints is measured on a tenth of each class, held out as whole patients
 (medical.group_split on medical.group_of: DICOM PatientID, then StudyInstanceUID; one NIfTI volume; else
-one file; or --group_regex), so no patient has slices in both halves; the demo digits are one file each.
-The held-out accuracy is measured on whole patients of A too.
+one file; or --group_regex); the demo digits are one file each.
 
 Writes `digit_features.pt` (images -> 64-d penultimate-layer features, for --feature_extractor) and
 `digit_classifier.pt` (images -> class logits, with the class names stored in the module, for
@@ -17,7 +14,6 @@ a CPU for the 1,797-image demo set. This is a domain network in the sense of --f
 numbers are comparable between models evaluated with the same file, not with published FIDs.
 """
 import argparse
-import os
 import sys
 import warnings
 import time
@@ -81,38 +77,6 @@ class ClassifierExport(nn.Module):
         return self.net(x)
 
 
-def file_groups(root, rel_files, opts):
-    """The patient / study / volume of each file (medical.group_of); ImageError -> UserError."""
-    try:
-        return [medical.group_of(Path(root) / f, opts) for f in rel_files]
-    except ImageError as exc:
-        raise UserError(str(exc)) from None
-
-
-def split_halves(src, half_a, half_b, opts, seed):
-    """Link the class folders' files of src into half_a / half_b (about half of each class), whole groups only."""
-    files = list_images(src) if Path(src).is_dir() else []
-    names, labels = class_layout(src, files) if files else (None, None)
-    if not names:
-        raise UserError(f"--split_from {src} must hold one subfolder of images per class")
-    for half, flag in ((half_a, "--data"), (half_b, "--held_out")):
-        if Path(half).exists():
-            raise UserError(f"{flag} {half} exists; remove it (the halves are made afresh from --split_from)")
-    groups = file_groups(src, files, opts)
-    try:
-        a, b = medical.group_split(groups, labels, 0.5, seed)
-    except ValueError as exc:
-        raise UserError(f"--split_from {src}: {exc}") from None
-    for half, idx in ((half_a, a), (half_b, b)):
-        for i in idx:
-            link = Path(half) / files[i]
-            link.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(os.path.abspath(Path(src) / files[i]), link)
-    print(f"split {src}: half A {len(a)} files ({len({groups[i] for i in a})} patients / groups), half B "
-          f"{len(b)} files ({len({groups[i] for i in b})}); no patient in both", flush=True)
-    return a, b
-
-
 def held_out_split(groups, labels, seed):
     """(train, val) index tensors, about a tenth of each class held out as whole patients (none if impossible)."""
     try:
@@ -130,22 +94,15 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="folder for the two TorchScript files")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split_from", "--split-from", default=None,
-                   help="first split this class-folder set into --data (half A) and --held_out (half B) by patient")
-    p.add_argument("--held_out", "--held-out", default=None, help="half B of --split_from (links, made afresh)")
-    medical.add_read_flags(p)  # --intensity_window for DICOM / NIfTI data, --group_regex for the splits
+    medical.add_read_flags(p)  # --intensity_window for DICOM / NIfTI data, --group_regex for the held-out split
     args = p.parse_args(argv)
     try:
         if args.epochs < 1:
             raise UserError(f"--epochs must be at least 1, got {args.epochs}")
-        if (args.split_from is None) != (args.held_out is None):
-            raise UserError("--split_from and --held_out go together (half A is --data, half B --held_out)")
         try:
             opts = medical.options_from_args(args)
         except ValueError as exc:
             raise UserError(str(exc)) from None
-        if args.split_from is not None:
-            split_halves(args.split_from, args.data, args.held_out, opts, args.seed)
         files = list_images(args.data) if Path(args.data).is_dir() else []
         sources, rel = list_sources(args.data, opts) if files else ([], [])
         names, labels = class_layout(args.data, rel) if files else (None, None)

@@ -1,9 +1,14 @@
 """Print the demo's comparison table from precision_recall.py --json results.
 
-    python demo_table.py NAME=result.json [NAME=result.json ...] [--inception NAME=fid.json ...]
+    python demo_table.py NAME=result.json [NAME=result.json ...] [--inception NAME=fid.json ...] \
+        [--segmentation NAME=pairs.json ...]
 
-One row per model: FD, precision, recall (on the demo feature extractor), class accuracy of the generated
-images (demo classifier), image counts, and FID (InceptionV3) where an Inception result is given.
+One row per model: FD with its 95% bootstrap interval, precision, recall (on the demo feature extractor), class
+accuracy of the generated images (demo classifier), the memorization audit's copy rate, TSTR accuracy (a small
+classifier trained on the samples, tested on the held-out real images) and the image count; FID (InceptionV3)
+where an Inception result is given. Under the rows: the real-versus-real floor (two halves of the held-out real
+images) and the TSTR accuracy of the same classifier trained on the real training images. --segmentation adds a
+line per image/mask pair result (the segmenter's Dice, synthetic-trained vs real-trained).
 """
 import argparse
 import json
@@ -24,20 +29,20 @@ def cell(v, fmt="{:.4f}"):
     return fmt.format(v) if isinstance(v, (int, float)) else "-"
 
 
-def main(argv=None):
-    """Print the table."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("results", nargs="+")
-    p.add_argument("--inception", nargs="*", default=[])
-    args = p.parse_args(argv)
-    rows, fid = load(args.results), load(args.inception)
-    cols = ["model", "n_real", "n_gen", "FD", "precision", "recall", "class acc"] + (["FID (Inception)"] if fid else [])
-    table = [cols]
-    for name, r in rows.items():
-        acc = (r.get("class_accuracy") or {}).get("gen")
-        table.append([name, str(r.get("n_real")), str(r.get("n_gen")), cell(r.get("fid")), cell(r.get("precision")),
-                      cell(r.get("recall")), cell(acc)] + ([cell(fid.get(name, {}).get("fid"))] if fid else []))
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+def with_interval(r, key, fmt="{:.2f}"):
+    """'value [low, high]' when the result has a bootstrap interval for `key`."""
+    v, iv = r.get(key), (r.get("intervals") or {}).get(key)
+    if not isinstance(v, (int, float)):
+        return "-"
+    return f"{fmt.format(v)} [{fmt.format(iv['low'])}, {fmt.format(iv['high'])}]" if iv else fmt.format(v)
+
+
+def tstr_value(r, side, key="accuracy"):
+    return ((r.get("tstr") or {}).get(side) or {}).get(key)
+
+
+def print_table(table):
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     line = "  ".join("-" * w for w in widths)
     print(line)
     for i, row in enumerate(table):
@@ -45,6 +50,40 @@ def main(argv=None):
         if i == 0:
             print(line)
     print(line)
+
+
+def main(argv=None):
+    """Print the table."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", nargs="+")
+    p.add_argument("--inception", nargs="*", default=[])
+    p.add_argument("--segmentation", nargs="*", default=[])
+    args = p.parse_args(argv)
+    rows, fid = load(args.results), load(args.inception)
+    cols = ["model", "n_gen", "FD [95% CI]", "precision", "recall", "class acc", "copy rate", "TSTR acc"] + (
+        ["FID (Inception)"] if fid else [])
+    table = [cols]
+    for name, r in rows.items():
+        acc = (r.get("class_accuracy") or {}).get("gen")
+        copy = (r.get("memorization") or {}).get("copy_rate")
+        table.append([name, str(r.get("n_gen")), with_interval(r, "fid"), cell(r.get("precision")),
+                      cell(r.get("recall")), cell(acc), cell(copy), cell(tstr_value(r, "synthetic"))]
+                     + ([cell(fid.get(name, {}).get("fid"))] if fid else []))
+    floor = next((r["floor"] for r in rows.values() if r.get("floor") and not r["floor"].get("skipped")), None)
+    if floor:
+        table.append([f"real vs real (floor, {floor.get('n_a')} vs {floor.get('n_b')})", "-",
+                      cell(floor.get("fid"), "{:.2f}"), cell(floor.get("precision")), cell(floor.get("recall")),
+                      "-", "-", "-"] + (["-"] if fid else []))
+    print_table(table)
+    real_acc = next((tstr_value(r, "real") for r in rows.values() if tstr_value(r, "real") is not None), None)
+    if real_acc is not None:
+        print(f"TSTR reference: the same classifier trained on the real training images reaches {real_acc:.4f} "
+              f"on the held-out images")
+    for name, r in load(args.segmentation).items():
+        syn, real = tstr_value(r, "synthetic", "dice"), tstr_value(r, "real", "dice")
+        copy = (r.get("memorization") or {}).get("copy_rate")
+        print(f"{name} image/mask pairs: segmenter trained on them reaches Dice {cell(syn)} on the held-out pairs "
+              f"(trained on the real training pairs: {cell(real)}); copy rate {cell(copy)}")
 
 
 if __name__ == "__main__":

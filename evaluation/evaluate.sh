@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Evaluate generated images against real ones:  bash evaluate.sh REAL_DIR GEN_DIR [extra flags...]
-# Writes the report to stdout and the figures to GEN_DIR/../eval_<gen folder name>.json.
+# Writes the report to stdout, the figures to GEN_DIR/../eval_<gen folder name>.json and the Markdown trust
+# report beside it (eval_<gen folder name>.md).
+# Trust report (memorization audit, intervals, real-vs-real floor, TSTR): add
+#   --train_dir TRAIN_DIR --metrics fid,precision,recall,memorization --bootstrap 200 --floor --tstr
+# (REAL_DIR is then the held-out real set: images the model was NOT trained on).
 # Offline machines: add --inception_weights /path/to/pt_inception-2015-12-05-6726825d.pth
 #                   and --vgg_weights /path/to/vgg16-397923af.pth (see README.md).
 # DICOM / NIfTI data: add the window the model was trained with, e.g. --intensity_window -160,240.

@@ -4,7 +4,7 @@ Not run directly; `precision_recall.py` uses it. Every network takes a float32 b
 (B x 3 x H x W, decoded once) and applies its own preprocessing, so one decoded batch feeds all of them.
 Real-folder features are cached per network under a key made of the image list (names with the slice /
 frame index, sizes, modification times), the decoding settings with the resolved intensity window and
-the network's identity (weight file path, size, mtime).
+the network's identity (weight file path, size, mtime; Inception's output dimension).
 """
 import hashlib
 import json
@@ -74,8 +74,8 @@ def _download_hint(what, file, url, flag):
             f"(or copy it into {hub})")
 
 
-def build_inception(weights, trust=False):
-    """FID Inception with pytorch-fid's weights from `weights` or the pytorch-fid release download."""
+def build_inception(weights, trust=False, dims=2048):
+    """FID Inception (pytorch-fid's `dims` output) with its weights from `weights` or the release download."""
     if weights:
         sd = load_state_dict(weights, "--inception_weights", trust)
     else:
@@ -87,7 +87,7 @@ def build_inception(weights, trust=False):
                                            "--inception_weights")) from None
     for old, new in _FID_BLOCK_NAMES.items():
         sd = {(new + k[len(old):]) if k.startswith(old) else k: v for k, v in sd.items()}
-    net = FIDInceptionV3()
+    net = FIDInceptionV3(dims)
     try:
         missing, unexpected = net.load_state_dict(sd, strict=False)
     except RuntimeError as exc:
@@ -165,9 +165,13 @@ def load_torchscript(path, flag):
     return Scripted(module).eval()
 
 
-def net_identity(name, path):
-    """What makes a network's features differ: its kind and the weight file (or the standard download)."""
-    return {"net": name, "weights": file_identity(path) if path else "standard-download"}
+def net_identity(name, path, dims=None):
+    """What makes a network's features differ: its kind, the weight file (or the standard download), the
+    output dimension picked (Inception's --dims)."""
+    ident = {"net": name, "weights": file_identity(path) if path else "standard-download"}
+    if dims is not None:
+        ident["dims"] = int(dims)
+    return ident
 
 
 def folder_key(root, rel_files, decoding, sources=None, opts=None):

@@ -8,10 +8,12 @@ vendored) give one image per slice / frame, mapped to [0, 1] through the intensi
 fits once on the real side. Each image is decoded once, in a DataLoader worker, and the same tensor later
 feeds every network, which then does its own resizing and normalisation (features.py).
 """
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import medical
 from imaging import ALL_EXTENSIONS, IMAGE_EXTENSIONS, ImageError, Source, check_image, decode_image  # noqa: F401
@@ -56,6 +58,77 @@ def class_layout(root, rel_files):
             raise UserError(f"class folder {sub} holds no images; add images or remove the folder")
     index = {n: i for i, n in enumerate(names)}
     return names, np.array([index[Path(f).parts[0]] for f in rel_files], dtype=np.int64)
+
+
+def pair_layout(root):
+    """True for an image / mask pair folder: root/images and root/masks (ControlNet's data layout)."""
+    root = Path(root)
+    return (root / "images").is_dir() and (root / "masks").is_dir()
+
+
+def pair_masks(root, rel_files):
+    """Mask file of every image of a pair folder (root/images/<rel>): same stem, or for ControlNet's output
+    (`<mask stem>[_<class>]_seed<N>.png`) the longest mask stem the image stem starts with, then `_`."""
+    masks = {}
+    for p in sorted(Path(root, "masks").rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            masks.setdefault(re.sub(r"(\.nii)?\.[^.]+$", "", p.name, flags=re.I), p)
+    by_length = sorted(masks, key=len, reverse=True)
+    out = []
+    for rel in rel_files:
+        stem = re.sub(r"(\.nii)?\.[^.]+$", "", Path(re.sub(r"\[\d+\]$", "", rel)).name, flags=re.I)
+        hit = masks.get(stem) or next((masks[m] for m in by_length if stem.startswith(m + "_")), None)
+        if hit is None:
+            raise UserError(f"{Path(root) / 'images' / rel} has no mask in {Path(root) / 'masks'} (same stem, or "
+                            "the stem ControlNet's inference names it after)")
+        out.append(hit)
+    return out
+
+
+class _Resized(torch.utils.data.Dataset):
+    """Decoded images resized (antialiased bilinear) to size x size: float C x size x size in [0, 1]."""
+
+    def __init__(self, paths, size, opts):
+        self.paths, self.size, self.opts = list(paths), size, opts
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        x = decode_image(self.paths[i], 3, self.opts)
+        return F.interpolate(x[None], size=(self.size, self.size), mode="bilinear", align_corners=False,
+                             antialias=True)[0].clamp_(0, 1)
+
+
+def load_pixels(paths, size, opts=None, num_workers=0, batch_size=64):
+    """(N, C, size, size) float32 in [0, 1] of images / Sources (C = 1 when every image is grey)."""
+    loader = torch.utils.data.DataLoader(_Resized(paths, size, opts), batch_size=batch_size,
+                                         num_workers=num_workers, shuffle=False)
+    batches = list(loader)
+    if all(torch.equal(b[:, 0], b[:, 1]) and torch.equal(b[:, 0], b[:, 2]) for b in batches):
+        batches = [b[:, :1] for b in batches]
+    return torch.cat(batches)
+
+
+def load_masks(paths, size):
+    """(N, 1, size, size) int64 label masks (nearest resize); 0/255 masks become 0/1."""
+    from PIL import Image
+
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                m = np.asarray(im)
+        except Exception as exc:
+            raise UserError(f"mask {p} is not a readable 2-D image ({type(exc).__name__}); TSTR segmentation "
+                            "reads PNG / TIFF / BMP label masks") from None
+        m = m[..., 0] if m.ndim == 3 else m
+        t = torch.from_numpy(m.astype(np.int64))[None, None].float()
+        out.append(F.interpolate(t, size=(size, size), mode="nearest")[0].long())
+    masks = torch.stack(out)
+    if set(torch.unique(masks).tolist()) <= {0, 255}:
+        masks = masks // 255
+    return masks
 
 
 def validate_images(root, items, label, opts=None):

@@ -3,7 +3,9 @@
 Not run directly; `precision_recall.py` builds it. The parameter names equal those of torchvision's
 `inception_v3(num_classes=1008, aux_logits=False)`, so pytorch-fid's weight file
 `pt_inception-2015-12-05-6726825d.pth` loads as is, and with the same weights the 2048-d pool3 features
-equal pytorch-fid's. The TF graph differs from torchvision's InceptionV3 in three places, reproduced here:
+equal pytorch-fid's. `dims` picks pytorch-fid's `--dims` output (64 / 192 / 768 / 2048): the block output
+after the first max pool, after the second max pool, after Mixed_6e (where the aux branch starts) or pool3,
+each globally average-pooled as pytorch-fid's `get_activations` does. The TF graph differs from torchvision's InceptionV3 in three places, reproduced here:
 the average pools inside the A, C and first E blocks ignore padded zeros (`count_include_pad=False`), and
 the last E block pools with a max instead of an average. Written here instead of patching torchvision's
 blocks so that the FID path does not change when torchvision changes its Inception.
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    + FID_WEIGHTS_FILE)
+FID_DIMS = (64, 192, 768, 2048)  # pytorch-fid's InceptionV3.BLOCK_INDEX_BY_DIM keys
 
 
 class Conv(nn.Module):
@@ -138,10 +141,13 @@ class BlockE(nn.Module):
 
 
 class FIDInceptionV3(nn.Module):
-    """Maps images in [0, 1] (B x 3 x H x W) to the 2048-d pool3 features used by FID."""
+    """Maps images in [0, 1] (B x 3 x H x W) to the pool3 features used by FID (or an earlier block's, `dims`)."""
 
-    def __init__(self):
+    def __init__(self, dims=2048):
         super().__init__()
+        if dims not in FID_DIMS:
+            raise ValueError(f"dims must be one of {', '.join(map(str, FID_DIMS))}, got {dims}")
+        self.dims = dims
         self.Conv2d_1a_3x3 = Conv(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = Conv(32, 32, 3)
         self.Conv2d_2b_3x3 = Conv(32, 64, 3, padding=1)
@@ -170,11 +176,14 @@ class FIDInceptionV3(nn.Module):
     def forward(self, x):
         x = self.preprocess(x)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = F.max_pool2d(x, kernel_size=3, stride=2)
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
-        x = F.max_pool2d(x, kernel_size=3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b,
-                      self.Mixed_6c, self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b,
-                      self.Mixed_7c):
-            x = block(x)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)  # end of pytorch-fid's block 0 (64 channels)
+        if self.dims > 64:
+            x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
+            x = F.max_pool2d(x, kernel_size=3, stride=2)  # block 1 (192)
+        if self.dims > 192:
+            for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b,
+                          self.Mixed_6c, self.Mixed_6d, self.Mixed_6e):
+                x = block(x)  # block 2 (768): up to where the aux classifier branches off
+        if self.dims > 768:
+            x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))  # block 3 (2048): pool3
         return torch.flatten(F.adaptive_avg_pool2d(x, (1, 1)), 1)

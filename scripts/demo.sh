@@ -3,13 +3,15 @@
 #
 #   bash scripts/demo.sh [OUTPUT_ROOT]
 #
-# Writes the demo data once to demo_data/, then runs each model's demo stage into a new folder
+# Writes the demo data once to demo_data/ (training digits, and a held-out third no model trains on), then
+# runs each model's demo stage into a new folder
 # demo_output/<timestamp>/ (earlier demo runs are never overwritten):
 #   ddpm        class-conditional pixel DDPM               -> <out>/ddpm
 #   ldm         small VAE + class-conditional LDM          -> <out>/ldm
 #   controlnet  mask-guided ControlNet on the demo LDM     -> <out>/controlnet
 #   dit         small DiT on the demo VAE's latents        -> <out>/dit
-#   evaluation  FD / precision / recall / class accuracy   -> <out>/evaluation
+#   evaluation  trust report per model: FD / precision / recall with intervals, floor, class accuracy,
+#               memorization audit, TSTR; one table and overview.png   -> <out>/evaluation
 # Run only some stages with DEMO_STAGES="ddpm ldm" bash scripts/demo.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -19,9 +21,11 @@ STAGES="${DEMO_STAGES:-ddpm ldm controlnet dit evaluation}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 
-if [ ! -f "$DATA/.complete" ]; then
+# v2: a held-out third in demo_data/heldout/ that no model trains on (an older demo_data/ is written anew)
+if [ ! -f "$DATA/.complete-v2" ]; then
+  rm -rf "$DATA"
   python "$ROOT/scripts/make_demo_data.py" --out "$DATA"
-  touch "$DATA/.complete"
+  touch "$DATA/.complete-v2"
 fi
 python - <<'PY'
 import torch

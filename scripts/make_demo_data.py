@@ -3,9 +3,13 @@
     python scripts/make_demo_data.py --out demo_data [--size 32]
 
 Layout written (grayscale PNGs, `--size` pixels square):
-    demo_data/digits/digit_0 .. digit_9/<index>.png     class folders (DDPM, LDM, DiT, evaluation)
-    demo_data/pairs/images/<index>.png                   image/mask pairs (ControlNet)
+    demo_data/digits/digit_0 .. digit_9/<index>.png     training class folders (DDPM, LDM, DiT)
+    demo_data/pairs/images/<index>.png                   training image/mask pairs (ControlNet)
     demo_data/pairs/masks/<index>.png                    mask = the digit's foreground (0 or 255)
+    demo_data/heldout/digits/..., demo_data/heldout/pairs/...   the same layouts for the held-out digits
+The held-out third (--heldout_fraction) is never trained on: the evaluation stage compares samples with it,
+calibrates the memorization audit on it and tests the synthetic-trained classifier on it. It is split off per
+class by whole "patients" (medical.group_split; each digit is its own here), as a medical data set would be.
 No download is needed: the digits ship inside scikit-learn.
 """
 import argparse
@@ -14,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "vendored"))
+import medical  # noqa: E402  (the repository's one patient-level split)
 
 
 def digit_images(size):
@@ -35,23 +42,32 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=32, help="side of the written images in pixels")
     parser.add_argument("--mask_threshold", "--mask-threshold", type=int, default=96,
                         help="grey level (0-255) above which a pixel counts as the digit's foreground")
+    parser.add_argument("--heldout_fraction", "--heldout-fraction", type=float, default=1 / 3,
+                        help="share of each class held out from training (0 < f < 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train / held-out split")
     args = parser.parse_args(argv)
     if args.size < 8:
         sys.exit(f"--size must be at least 8, got {args.size}")
+    if not 0 < args.heldout_fraction < 1:
+        sys.exit(f"--heldout_fraction must be between 0 and 1, got {args.heldout_fraction}")
     out = Path(args.out)
     images, labels = digit_images(args.size)
-    for c in range(10):
-        (out / "digits" / f"digit_{c}").mkdir(parents=True, exist_ok=True)
-    (out / "pairs" / "images").mkdir(parents=True, exist_ok=True)
-    (out / "pairs" / "masks").mkdir(parents=True, exist_ok=True)
-    for i, (img, label) in enumerate(zip(images, labels)):
-        name = f"{i:04d}.png"
-        Image.fromarray(img, mode="L").save(out / "digits" / f"digit_{label}" / name)
-        Image.fromarray(img, mode="L").save(out / "pairs" / "images" / name)
-        mask = np.where(img > args.mask_threshold, 255, 0).astype(np.uint8)
-        Image.fromarray(mask, mode="L").save(out / "pairs" / "masks" / name)
-    print(f"Wrote {len(images)} digits ({args.size}x{args.size} grayscale) to {out / 'digits'} "
-          f"(10 class folders) and image/mask pairs to {out / 'pairs'}")
+    train, heldout = medical.group_split([f"digit:{i}" for i in range(len(labels))], labels.tolist(),
+                                         args.heldout_fraction, args.seed)
+    for part, indices in ((out, train), (out / "heldout", heldout)):
+        for c in range(10):
+            (part / "digits" / f"digit_{c}").mkdir(parents=True, exist_ok=True)
+        (part / "pairs" / "images").mkdir(parents=True, exist_ok=True)
+        (part / "pairs" / "masks").mkdir(parents=True, exist_ok=True)
+        for i in indices:
+            img, name = images[i], f"{i:04d}.png"
+            Image.fromarray(img, mode="L").save(part / "digits" / f"digit_{labels[i]}" / name)
+            Image.fromarray(img, mode="L").save(part / "pairs" / "images" / name)
+            mask = np.where(img > args.mask_threshold, 255, 0).astype(np.uint8)
+            Image.fromarray(mask, mode="L").save(part / "pairs" / "masks" / name)
+    print(f"Wrote {len(images)} digits ({args.size}x{args.size} grayscale): {len(train)} for training in "
+          f"{out / 'digits'} (10 class folders) and {out / 'pairs'} (image/mask pairs), {len(heldout)} held out "
+          f"in {out / 'heldout'} (same layouts)")
 
 
 if __name__ == "__main__":

@@ -385,3 +385,118 @@ def test_cli_npz_statistics_limits(bad_inputs, tmp_path, capsys):
     np.savez(tmp_path / "small.npz", mu=np.zeros(8), sigma=np.eye(8))
     code, _, err = run_main(capsys, ["--real", str(tmp_path / "small.npz"), "--gen", str(real), *ext[2:]])
     assert code == 2 and "8-d" in err and "2048" in err
+
+
+# ---------------------------------------------------------------- pytorch-fid parity: statistics files, --dims
+@pytest.mark.filterwarnings("ignore:Matrix is singular")
+@pytest.mark.parametrize("dim", [256, 32])
+def test_npz_statistics_of_any_dimension_give_pytorch_fid_distance(tmp_path, capsys, dim):
+    pfs = pytest.importorskip("pytorch_fid.fid_score")
+    rng = np.random.default_rng(dim)
+    stats = []
+    for name, scale in (("a", 1.0), ("b", 1.3)):
+        x = rng.normal(size=(3 * dim, dim)) * scale + (0.2 if name == "b" else 0)
+        mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+        np.savez(tmp_path / f"{name}.npz", mu=mu, sigma=sigma)  # pytorch-fid's own format: nothing else
+        stats.append((mu, sigma))
+    ref = pfs.calculate_frechet_distance(*stats[0], *stats[1])
+    # no weight files, no network: building one would need a download, which fails here
+    with mock.patch.object(pr, "build_inception", side_effect=AssertionError("network built")):
+        code, out, err = run_main(capsys, ["--real", str(tmp_path / "a.npz"), "--gen", str(tmp_path / "b.npz"),
+                                           "--metrics", "fid", "--json", str(tmp_path / "r.json")])
+    assert code == 0, err
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["fid"] == pytest.approx(ref, rel=1e-7) and r["settings"]["dims"] == dim
+    assert f"FD (.npz, {dim}-d):" in out
+    # a pytorch-fid file of the other dimension: one line naming both files and dimensions
+    other = 32 if dim == 256 else 256
+    np.savez(tmp_path / "c.npz", mu=np.zeros(other), sigma=np.eye(other))
+    code, _, err = run_main(capsys, ["--real", str(tmp_path / "a.npz"), "--gen", str(tmp_path / "c.npz"),
+                                     "--metrics", "fid", "--json", str(tmp_path / "x.json")])
+    assert code == 2 and err.count("\n") == 1 and f"{dim}-d" in err and f"{other}-d" in err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_npz_feature_files_of_any_dimension_give_all_metrics(tmp_path, capsys):
+    rng = np.random.default_rng(7)
+    real, gen = rng.normal(size=(60, 32)), rng.normal(size=(50, 32)) * 1.2 + 0.1
+    for key in ("features", "vgg_features"):  # an extractor's file, or 32-d "VGG" features from elsewhere
+        np.savez(tmp_path / "r.npz", **{key: real})
+        np.savez(tmp_path / "g.npz", **{key: gen})
+        code, out, err = run_main(capsys, ["--real", str(tmp_path / "r.npz"), "--gen", str(tmp_path / "g.npz"),
+                                           "--metrics", "precision,recall,density,coverage" + (
+                                               ",fid,kid" if key == "features" else ""),
+                                           "--kid_subsets", "5", "--json", str(tmp_path / "r.json")])
+        assert code == 0, err
+        r = json.loads((tmp_path / "r.json").read_text())
+        assert (r["precision"], r["recall"]) == pytest.approx(brute_pr(real, gen, 3), abs=1e-12)
+        assert (r["density"], r["coverage"]) == pytest.approx(metrics.density_coverage(real, gen, 5), abs=1e-12)
+        if key == "features":
+            assert r["fid"] == pytest.approx(metrics.frechet_distance_from_features(real, gen), rel=1e-9)
+    np.savez(tmp_path / "g16.npz", vgg_features=gen[:, :16])
+    code, _, err = run_main(capsys, ["--real", str(tmp_path / "r.npz"), "--gen", str(tmp_path / "g16.npz"),
+                                     "--metrics", "precision"])
+    assert code == 2 and err.count("\n") == 1 and "32-d" in err and "16-d" in err
+
+
+@pytest.mark.parametrize("dim", [64, 192, 768])
+def test_inception_dims_blocks_equal_pytorch_fid(tmp_path, weights, dim):
+    pfi = pytest.importorskip("pytorch_fid.inception")
+    pfs = pytest.importorskip("pytorch_fid.fid_score")
+    rng = np.random.default_rng(dim)
+    files = []
+    for i in range(2):
+        files.append(tmp_path / f"{i}.png")
+        write_png(files[-1], rng.integers(0, 256, (36, 36, 3), dtype=np.uint8))
+    net = features.build_inception(str(weights / "inception.pth"), dims=dim)
+    ours = features.extract([str(f) for f in files], {"inception": net}, 2, 0, torch.device("cpu"),
+                            "test")["inception"]
+    sd = torch.load(weights / "inception.pth", weights_only=True)
+    with mock.patch.object(pfi, "load_state_dict_from_url", lambda *a, **k: sd):
+        ref_net = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[dim]]).eval()
+    ref = pfs.get_activations(files, ref_net, batch_size=2, dims=dim, device="cpu", num_workers=0)
+    assert ours.shape == (2, dim) and ours.std() > 1e-3
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="64, 192, 768, 2048"):
+        inception.FIDInceptionV3(100)
+
+
+def test_cli_dims_cached_per_dims_and_save_stats_fid_needs_no_vgg(tmp_path, weights, capsys):
+    real = make_class_folders(tmp_path / "real", {"bright": 3, "dark": 3}, seed=0)
+    gen = make_class_folders(tmp_path / "gen", {"bright": 2, "dark": 2}, seed=1, size=24)
+    base = ["--real", str(real), "--gen", str(gen), "--inception_weights", str(weights / "inception.pth"),
+            "--metrics", "fid", "--num_workers", "0", "--cache_dir", str(tmp_path / "cache")]
+    # no --vgg_weights: building VGG16 would download (and fail offline); --metrics fid must not need it
+    with mock.patch.object(pr, "build_vgg", side_effect=AssertionError("VGG16 built")):
+        code, out, err = run_main(capsys, [*base, "--dims", "64", "--save_stats", str(tmp_path / "s64.npz"),
+                                           "--json", str(tmp_path / "a.json")])
+        assert code == 0, err
+        assert "FID (InceptionV3 64-d):" in out
+        with np.load(tmp_path / "s64.npz") as f:
+            assert f["inception_features"].shape == (6, 64) and f["mu"].shape == (64,)
+            assert f["sigma"].shape == (64, 64) and "vgg_features" not in f.files and int(f["dims"]) == 64
+        code, out, err = run_main(capsys, [*base, "--dims", "192", "--json", str(tmp_path / "b.json")])
+        assert code == 0 and "cached features" not in out  # another dims: its own cache entry
+        assert len(list((tmp_path / "cache").glob("inception-*.npz"))) == 2
+        code, out, err = run_main(capsys, [*base, "--dims", "64", "--json", str(tmp_path / "c.json")])
+        assert code == 0 and "real: cached features of inception reused" in out
+        a, c = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "c.json"))
+        assert c["fid"] == pytest.approx(a["fid"], rel=1e-12) and a["settings"]["dims"] == 64
+        # the 64-d statistics file with the folder: needs the same --dims, said in one line
+        code, _, err = run_main(capsys, ["--real", str(tmp_path / "s64.npz"), *base[2:]])
+        assert code == 2 and "64-d" in err and "--dims 64" in err
+        code, _, err = run_main(capsys, ["--real", str(tmp_path / "s64.npz"), *base[2:], "--dims", "64",
+                                         "--json", str(tmp_path / "d.json")])
+        assert code == 0, err
+        assert json.loads((tmp_path / "d.json").read_text())["fid"] == pytest.approx(a["fid"], rel=1e-6)
+    # with a --feature_extractor the file holds only its statistics
+    code, _, err = run_main(capsys, [*base[:4], "--feature_extractor", str(weights / "tiny_features.pt"),
+                                     "--metrics", "fid", "--num_workers", "0", "--no_cache",
+                                     "--save_stats", str(tmp_path / "custom.npz")])
+    assert code == 0, err
+    with np.load(tmp_path / "custom.npz") as f:
+        assert set(f.files) >= {"features", "mu", "sigma"} and f["features"].shape == (6, 8)
+        assert not {"inception_features", "vgg_features"} & set(f.files)
+    code, _, err = run_main(capsys, [*base[:4], "--feature_extractor", str(weights / "tiny_features.pt"),
+                                     "--dims", "64"])
+    assert code == 2 and "--dims" in err

@@ -136,7 +136,7 @@ def test_generated_nifti_in_hu_read_like_the_real_dicom(tmp_path, tiny, capsys):
     assert not (tmp_path / "x.json").exists()
 
 
-def test_halves_and_held_out_split_never_share_a_patient(tmp_path, capsys):
+def test_demo_classifier_holds_out_whole_patients(tmp_path, capsys):
     src = tmp_path / "data"
     for c, cls in enumerate(("ct_a", "ct_b")):
         for p in range(6):  # 6 patients per class, 2 or 3 slices each, file names that do not say the patient
@@ -144,37 +144,16 @@ def test_halves_and_held_out_split_never_share_a_patient(tmp_path, capsys):
             for k, sl in enumerate(hu):
                 (src / cls).mkdir(parents=True, exist_ok=True)
                 write_dicom(src / cls / f"img_{p}{k}", sl, patient_id=f"{cls}-{p}")  # no extension: DICM preamble
-    for i in range(5):  # plain images: each file is its own group, as the demo digits
-        (src / "png").mkdir(exist_ok=True)
-        Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(src / "png" / f"{i}.png")
-    a, b = tmp_path / "real_a", tmp_path / "real_b"
-    demo_classifier.main(["--split_from", str(src), "--data", str(a), "--held_out", str(b), "--out",
-                          str(tmp_path / "nets"), "--epochs", "1"])
-    out = capsys.readouterr().out
-    assert "no patient in both" in out and "held-out accuracy" in out
+    demo_classifier.main(["--data", str(src), "--out", str(tmp_path / "nets"), "--epochs", "1"])
+    assert "held-out accuracy" in capsys.readouterr().out
     assert (tmp_path / "nets" / "digit_features.pt").is_file() and (tmp_path / "nets" / "digit_classifier.pt").is_file()
-    halves = [sorted(str(p.relative_to(h)) for p in h.rglob("*") if p.is_symlink()) for h in (a, b)]
-    every = sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file())
-    assert sorted(halves[0] + halves[1]) == every  # each file in exactly one half
-    groups = [{medical.group_of(h / f) for f in half} for h, half in zip((a, b), halves)]
-    assert not groups[0] & groups[1]  # no PatientID on both sides
-    assert all(any(g.startswith(f"PatientID:{c}-") for g in gs) for gs in groups for c in ("ct_a", "ct_b"))
-    assert sorted(sum(f.startswith("png/") for f in half) for half in halves) == [2, 3]  # the demo's halves: ~n/2
-    # the held-out split inside the classifier's training keeps whole patients too
-    sources, rel = images.list_sources(a, None)
-    names, labels = images.class_layout(a, rel)
+    sources, rel = images.list_sources(src, None)
+    names, labels = images.class_layout(src, rel)
     gs = [medical.group_of(s) for s in sources]
+    assert len(set(gs)) == 12
     train, val = demo_classifier.held_out_split(gs, labels.tolist(), 0)
     assert len(val) and not {gs[i] for i in train.tolist()} & {gs[i] for i in val.tolist()}
-    # a class that is one patient cannot be split: one line, nothing written
-    one = tmp_path / "one"
-    write_ct_series(one / "c0", CT[:3], "P9")
-    write_ct_series(one / "c1", CT[3:], "P8")
-    msg = run_main_expect(demo_classifier.main, ["--split_from", str(one), "--data", str(tmp_path / "a2"),
-                                                 "--held_out", str(tmp_path / "b2"), "--out", str(tmp_path / "n2")],
-                          capsys)
-    assert "--split_from" in msg and "no whole patient" in msg
-    assert not (tmp_path / "a2").exists() and not (tmp_path / "b2").exists() and not (tmp_path / "n2").exists()
+    assert sorted(train.tolist() + val.tolist()) == list(range(len(gs)))
 
 
 @pytest.fixture(scope="module")
