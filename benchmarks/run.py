@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("peak", "ddpm", "ldm", "controlnet", "dit", "eval", "memory")
+PARTS = ("peak", "ddpm", "ldm", "controlnet", "dit", "eval", "memorization", "memory")
 
 
 def parse_args(argv=None):
@@ -216,6 +216,13 @@ def summarize(res):
                ratio(ev["baseline/cached"]["total_s"], ev["ours/cached"]["total_s"]), 1.8,
                f"vs the uncached baseline: {_fmt(ratio(ev['baseline']['total_s'], ev['ours/cached']['total_s']))}x; "
                f"extraction only: {_fmt(ratio(ev['baseline/cached']['median_s'], ev['ours/cached']['median_s']))}x")
+    audit = res.get("memorization", {})
+    rgb = audit.get("memorization", {}).get("pixel/rgb")
+    if rgb:
+        target(f"memorization audit, {audit['n_gen']} gen x {audit['n_train']} train at {audit['side']} px, "
+               f"pixel NCC (s)", rgb["median_s"], 300.0,
+               f"{rgb['images_per_s']:.0f} images/s; planted copies found {rgb['found']}/{rgb['planted']}",
+               at_most=True)
     mem = res.get("memory", {}).get("memory")
     if mem:
         growth = res["memory"]["growth"]
@@ -281,6 +288,15 @@ def table(res, targets):
         lines.append(f"{'variant':<20}{'median s':>10}{'total s':>10}{'img/s':>8}")
         for k, r in ev.items():
             lines.append(f"{k:<20}{r['median_s']:>10.2f}{r['total_s']:>10.2f}{r['images_per_s']:>8.2f}")
+    audit = res.get("memorization", {})
+    if audit.get("memorization"):
+        lines.append("")
+        lines.append(f"memorization audit ({audit['n_gen']} generated x {audit['n_train']} training + "
+                     f"{audit['n_heldout']} held-out {audit['side']}px images; max shift 2 px, flips)")
+        lines.append(f"{'variant':<14}{'median s':>10}{'img/s':>9}{'copies found':>14}{'copy rate':>11}")
+        for k, r in audit["memorization"].items():
+            lines.append(f"{k:<14}{r['median_s']:>10.2f}{r['images_per_s']:>9.0f}"
+                         f"{str(r['found']) + '/' + str(r['planted']):>14}{r['copy_rate']:>11.4f}")
     mem = res.get("memory", {}).get("memory")
     if mem:
         lines.append("")

@@ -12,6 +12,9 @@ do not matter) maximised over a horizontal flip and every integer shift of up to
 light blur that takes out most JPEG and sensor noise. The search is coarse to fine: all training images are
 ranked per query by the NCC of 16 px grey thumbnails (flip-invariant; one matrix product per chunk), and the
 `candidates` best are scored exactly at full resolution, every shift at once by FFT cross-correlation.
+Near-copies always rank among the candidates (tests compare with an exhaustive search); for novel images the
+reported similarity is the best over the candidates, a lower bound of the exhaustive one (on 8,000 64 px
+textures 0.06 lower on average), and held-out images get the very same search, so the threshold matches.
 Feature mode (`features=(gen_f, train_f, heldout_f)`): cosine similarity in the given feature space.
 Held-out images (real images NOT in the training set) go through exactly the same search; the copy threshold
 is the (1 - false_flag_rate) quantile of their best similarities, so at most that share of genuinely new

@@ -332,7 +332,9 @@ def write_report(res, path):
         if res.get("gallery"):
             lines += ["", f"![closest pairs: generated | training]({_rel(res['gallery'], path)})",
                       "", "Closest pairs, most similar first; red frames are flagged copies."]
-        lines.append("")
+        lines += ["", "This section shows training images and names training files (which may carry patient "
+                      "identifiers): share the report, its JSON and the gallery only where the training data may "
+                      "be seen.", ""]
     t = res.get("tstr")
     if t:
         key = "accuracy" if t["task"] == "classification" else "dice"

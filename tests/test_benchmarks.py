@@ -52,7 +52,7 @@ def test_bad_flags_are_one_line_errors(tmp_path):
     proc = run(["--parts", "ddpm,nope", "--json", str(tmp_path / "x.json")])
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: --parts: unknown part nope; choose from peak, ddpm, ldm, controlnet, dit, eval, memory"]
+        "error: --parts: unknown part nope; choose from peak, ddpm, ldm, controlnet, dit, eval, memorization, memory"]
     assert not (tmp_path / "x.json").exists()
     proc = run(["--repeats", "0"])
     assert proc.returncode == 2 and "error: --repeats 0: must be >= 1" in proc.stderr
