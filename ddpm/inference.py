@@ -219,14 +219,17 @@ def sample(args):
     except ValueError as e:
         raise UserError(str(e)) from None
     ckpt_tag = f"{Path(args.ckpt).parent.name}_{Path(wpath).stem}{'_ema' if args.use_ema and wpath.name == 'train_state.pt' else ''}"
-    out = Path(args.output_dir or f"samples/{ckpt_tag}_{args.sampler}{steps}_cfg{args.cfg_scale:g}_seed{args.seed}")
+    fmt_tag = "" if fmt == "png" else f"_{fmt}"  # png16 shares .png names: another format is another folder
+    out = Path(args.output_dir or f"samples/{ckpt_tag}_{args.sampler}{steps}_cfg{args.cfg_scale:g}_seed{args.seed}{fmt_tag}")
     settings = {"model_type": MODEL_TYPE, "weights": str(Path(wpath).resolve()), "use_ema": bool(args.use_ema),
                 "sampler": args.sampler, "steps": steps, "eta": args.eta, "cfg_scale": args.cfg_scale,
                 "seed": args.seed, "class_subfolders": bool(args.class_subfolders)}
+    if fmt == "png16":  # the one format that shares png's file names: never mixed into one folder
+        settings["png_bits"] = 16
     settings_path = out / "settings.json"
     if settings_path.is_file():
         old = read_json(settings_path)
-        diff = [k for k in settings if old.get(k) != settings[k]]
+        diff = [k for k in list(settings) + ["png_bits"] * ("png_bits" in old) if old.get(k) != settings.get(k)]
         if diff:
             raise UserError(f"{out} holds samples made with other settings ({', '.join(f'{k}={old.get(k)}' for k in diff)}); "
                             f"choose another --output-dir")

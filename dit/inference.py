@@ -203,8 +203,10 @@ def settings_tag(args, meta, vinfo, seed):
     model = meta["model"].replace("/", "-")
     # Our checkpoints are tagged like 000-DiT-B-2-0050000: the model name is in there already.
     head = meta["ckpt_tag"] if model in meta["ckpt_tag"] else f"{model}-{meta['ckpt_tag']}"
+    fmt = getattr(args, "output_format", "png")
+    fmt = "" if fmt == "png" else f"-{fmt}"  # png16 shares .png names: another format is another folder
     return (f"{head}-size-{meta['image_size']}-vae-{vae}"
-            f"-cfg-{args.cfg_scale:g}{guide}-{args.sampler}{args.num_sampling_steps}{eta}-seed-{seed}")
+            f"-cfg-{args.cfg_scale:g}{guide}-{args.sampler}{args.num_sampling_steps}{eta}-seed-{seed}{fmt}")
 
 
 def make_sampler(args):

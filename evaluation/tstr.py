@@ -19,6 +19,7 @@ foreground > 0.5; integer label masks (0 = background, 1..L-1 classes) get the m
 present in the truth or the prediction of each image.
 """
 import contextlib
+import math
 import time
 
 import numpy as np
@@ -130,7 +131,11 @@ def _train(net, x, target, loss_fn, epochs, lr, seed, device, min_steps=MIN_STEP
     g = torch.Generator().manual_seed(seed + 1)
     net.train()
     per_epoch = max(1, len(x) // BATCH + (len(x) % BATCH >= 2))
-    for _ in range(max(epochs, -(-min_steps // per_epoch))):
+    epochs = max(epochs, -(-min_steps // per_epoch))
+    # The learning rate decays to zero (cosine): at a constant rate the last step decided the score (held-out
+    # accuracy of one demo classifier ranged 0.64-0.97 between 10 and 20 epochs and between seeds).
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k / (epochs * per_epoch), 1))))
+    for _ in range(epochs):
         order = torch.randperm(len(x), generator=g)
         for i in range(0, len(order), BATCH):
             b = order[i:i + BATCH]
@@ -140,6 +145,7 @@ def _train(net, x, target, loss_fn, epochs, lr, seed, device, min_steps=MIN_STEP
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
     net.eval()
 
 

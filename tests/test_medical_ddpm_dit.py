@@ -199,6 +199,22 @@ def test_ddpm_colour_model_refuses_nifti_before_sampling(tmp_path, capsys):
                                            "--output-format", "nifti"], capsys)
     assert "--output_format nifti" in msg and "3-channel (colour)" in msg and "png, png16 or dicom" in msg
     assert not (tmp_path / "s").exists()
+    # png16 writes png's file names: 16-bit colour files, and never mixed into a folder of 8-bit ones
+    inference.main(["--ckpt", str(ckpt), "--output-dir", str(tmp_path / "s16"), *SAMPLE, "--output-format", "png16"])
+    written = sorted((tmp_path / "s16").rglob("*.png"))
+    assert len(written) == 3 and all(Image.open(f).mode == "RGB" and np.asarray(png_rows(f)).max() > 255
+                                     for f in written[:1])
+    capsys.readouterr()
+    msg = run_main_expect(inference.main, ["--ckpt", str(ckpt), "--output-dir", str(tmp_path / "s16"), *SAMPLE],
+                          capsys)
+    assert "holds samples made with other settings (png_bits=16)" in msg
+
+
+def png_rows(path):
+    """The stored samples of a PNG (pypng keeps 16-bit colour, Pillow cuts it to 8 bits)."""
+    import png
+    w, h, rows, info = png.Reader(filename=str(path)).asDirect()
+    return np.vstack([np.asarray(r) for r in rows])
 
 
 # ------------------------------------------------------------------ DiT (scripts in dit/)
