@@ -10,7 +10,7 @@ Writes OUTPUT_DIR/<checkpoint>-step<N>-<ema|raw>-<scheduler><steps>-scale<s>[-<c
 --save_comparison and dice.csv with --report_dice. Existing images are never overwritten: a rerun skips them.
 --mask / --mask_folder may be NIfTI volumes or DICOM files: every slice is a mask (<file stem>_<slice:04d>,
 empty slices kept), sliced along the training run's --slice_axis unless given. --output_format png16 | nifti |
-dicom (medical.py) writes .png / .nii.gz / .dcm, nifti and dicom in the training window's physical units.
+dicom (writers.py) writes .png / .nii.gz / .dcm, nifti and dicom in the training window's physical units.
 """
 import csv
 import io
@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 import medical
+import writers
 from dataset import (check_mask_mode, expand_sources, label_of, list_images, load_mask, read_class_labels,
                      verify_file)
 from imaging import ALL_EXTENSIONS, decode_image, is_image_file
@@ -65,7 +66,7 @@ def parse_args(argv=None):
     add("trust_checkpoint", action="store_true", help="allow checkpoints that hold pickled Python objects")
     add("slice_axis", default=None, help="NIfTI masks: axial, coronal or sagittal slices (default: as in training)")
     add("slice_range", default=None, metavar="START:END", help="NIfTI masks: only these slices (default: all)")
-    medical.add_output_flag(p)  # --output_format png | png16 | nifti | dicom
+    writers.add_output_flag(p)  # --output_format png | png16 | nifti | dicom
     args = p.parse_args(argv)
     for flag, ok in (("num_images", args.num_images >= 1), ("controlnet_scale", args.controlnet_scale >= 0),
                      ("num_inference_steps", args.num_inference_steps >= 1), ("batch_size", args.batch_size >= 1),
@@ -157,7 +158,7 @@ def generate(args):
         check_mask_mode(m, verify_file(m, "mask", opts), mc)
     fmt = args.output_format
     try:  # outputs in the training data's units
-        window = medical.output_window(fmt, ldm.image_channels, trained.to_config(), args.checkpoint)
+        window = writers.output_window(fmt, ldm.image_channels, trained.to_config(), args.checkpoint)
     except ValueError as e:
         raise UserError(str(e)) from None
     class_names = ldm.class_names
@@ -209,7 +210,7 @@ def generate(args):
         for j in range(args.num_images):
             seed = args.seed + mi * args.num_images + j
             jobs.append((mi, seed, f"{m.stem}{cls}_seed{seed}.png"))
-    target = (lambda name: out / name) if fmt == "png" else (lambda name: medical.output_path(out / name, fmt))
+    target = (lambda name: out / name) if fmt == "png" else (lambda name: writers.output_path(out / name, fmt))
     todo = [j for j in jobs if not target(j[2]).exists()]
     print(f"{len(jobs)} image(s) for {len(masks)} mask(s) -> {out} ({len(jobs) - len(todo)} already there, "
           f"skipped); {args.scheduler} {args.num_inference_steps} steps, controlnet_scale {args.controlnet_scale:g}"
@@ -248,7 +249,7 @@ def generate(args):
                 desc = (f"synthetic ControlNet image; mask {mi}; seed {seed}; {args.scheduler} "
                         f"{args.num_inference_steps} steps; controlnet_scale {args.controlnet_scale:g}; step {step}"
                         + ("" if per_mask[mi] is None else f"; class {class_names[per_mask[mi]]}"))
-                medical.write_image_once((img.float().clamp(-1, 1) + 1) / 2, out / name, fmt, window, desc)
+                writers.write_image_once((img.float().clamp(-1, 1) + 1) / 2, out / name, fmt, window, desc)
             if args.save_comparison:
                 write_png_new(comparison(m, img), out / "comparisons" / name)
     elapsed = time.time() - t0

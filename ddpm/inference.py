@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-import medical
+import writers
 import runtime as rt
 from models import Diffusion, count_parameters, rebuild_model
 from runtime import UserError
@@ -58,7 +58,7 @@ def add_sample_args(p):
     add("channels-last", action="store_true", help="channels_last memory format")
     add("device", default="auto", help="auto (default), cpu, cuda")
     add("trust-checkpoint", action="store_true", help="allow loading a pickled (non-plain) checkpoint")
-    medical.add_output_flag(p)  # --output_format png | png16 | nifti | dicom
+    writers.add_output_flag(p)  # --output_format png | png16 | nifti | dicom
     return p
 
 
@@ -215,7 +215,7 @@ def sample(args):
         raise UserError(f"--sampling-steps {steps} must be between 1 and the model's {d['noise_steps']} noise steps")
     fmt = args.output_format
     try:  # None: 8-bit data, [0, 1] written
-        window = medical.output_window(fmt, m["c_in"], info.get("intensity"), args.ckpt)
+        window = writers.output_window(fmt, m["c_in"], info.get("intensity"), args.ckpt)
     except ValueError as e:
         raise UserError(str(e)) from None
     ckpt_tag = f"{Path(args.ckpt).parent.name}_{Path(wpath).stem}{'_ema' if args.use_ema and wpath.name == 'train_state.pt' else ''}"
@@ -255,7 +255,7 @@ def sample(args):
     rt.barrier()
 
     def target(i):  # the file of image i in the chosen format (.png, .nii.gz, .dcm)
-        return medical.output_path(image_path(out, i, args.seed, labels, class_names, args.class_subfolders), fmt)
+        return writers.output_path(image_path(out, i, args.seed, labels, class_names, args.class_subfolders), fmt)
 
     mine = [i for i in range(rank, args.num_samples, world)]
     todo = [i for i in mine if not target(i).exists()]
@@ -274,7 +274,7 @@ def sample(args):
                 written += rt.save_png_once(rt.to_pil(img), image_path(out, i, args.seed, labels, class_names,
                                                                        args.class_subfolders))
             else:
-                written += medical.write_image_once(img, target(i), fmt, window, description(
+                written += writers.write_image_once(img, target(i), fmt, window, description(
                     i, args.seed, labels, class_names, args, steps, ckpt_tag)) is not None
         bar.update(len(chunk))
     bar.close()

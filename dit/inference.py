@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-import medical
+import writers
 from diffusion import create_diffusion
 from download import PRETRAINED, download_model, pretrained_name
 from models import ALL_MODELS, model_config
@@ -57,7 +57,7 @@ def add_model_args(p):
     p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow loading a checkpoint that contains pickled Python objects")
-    medical.add_output_flag(p)  # --output_format png | png16 | nifti | dicom
+    writers.add_output_flag(p)  # --output_format png | png16 | nifti | dicom
 
 
 def check_sampling_args(args):
@@ -273,7 +273,7 @@ def output_settings(args, meta, vinfo):
     fmt = args.output_format
     channels = 1 if meta.get("grayscale") or vinfo["image_channels"] == 1 else vinfo["image_channels"]
     try:  # None: 8-bit data, [0, 1] written
-        return fmt, medical.output_window(fmt, channels, meta.get("intensity"), meta["source"])
+        return fmt, writers.output_window(fmt, channels, meta.get("intensity"), meta["source"])
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -286,13 +286,13 @@ def description(meta, class_name, seed, args):
 
 def write_images(vae, vinfo, z, meta, jobs, fmt, window, args):
     """Decode latents and write each image once: jobs are (class name, seed, .png path) per latent; png keeps
-    the 8-bit path (decode_to_uint8 + save_image_once), other formats go through medical.write_image_once."""
+    the 8-bit path (decode_to_uint8 + save_image_once), other formats go through writers.write_image_once."""
     if fmt == "png":
         for (_, _, path), img in zip(jobs, decode_to_uint8(vae, vinfo, z, meta.get("grayscale", False))):
             save_image_once(img, path)
         return
     for (name, seed, path), img in zip(jobs, decode_to_float(vae, vinfo, z, meta.get("grayscale", False))):
-        medical.write_image_once(img, path, fmt, window, description(meta, name, seed, args))
+        writers.write_image_once(img, path, fmt, window, description(meta, name, seed, args))
 
 
 def save_image_once(image, path):

@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 import inference as inf
-import medical
+import writers
 from runtime import FlagParser, UserError, check_writable, run_main, timing_summary
 
 
@@ -62,7 +62,7 @@ def main(args):
     check_writable(out)
     for lab in sorted({lab for lab, _ in jobs}):
         (out / names[lab]).mkdir(exist_ok=True)
-    todo = [(lab, s) for lab, s in jobs if not medical.output_path(inf.image_path(out, names[lab], s), fmt).exists()]
+    todo = [(lab, s) for lab, s in jobs if not writers.output_path(inf.image_path(out, names[lab], s), fmt).exists()]
     if len(todo) < len(jobs):
         print(f"{len(jobs) - len(todo)} of {len(jobs)} images already exist in {out}: generating the rest")
     diffusion = inf.make_sampler(args)

@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 import inference as inf
-import medical
+import writers
 from runtime import (FlagParser, UserError, barrier, check_writable, finish_distributed, resolve_precision,
                      run_main, setup_distributed, timing_summary)
 
@@ -67,7 +67,7 @@ def main(args):
     def path_of(i):  # (label, seed, file in the chosen format)
         lab = labels[i % len(labels)]
         png = inf.image_path(out, names[lab], args.seed + i, args.class_subfolders)
-        return lab, args.seed + i, medical.output_path(png, fmt)
+        return lab, args.seed + i, writers.output_path(png, fmt)
 
     mine = [i for i in range(rank, args.num_fid_samples, world) if not path_of(i)[2].exists()]
     done = len(range(rank, args.num_fid_samples, world)) - len(mine)

@@ -10,7 +10,7 @@ Images go to <output_dir>/<checkpoint>_<scheduler><steps>_cfg<scale>_seed<seed>[
 <class_name>_seed<S>.png, one PNG per image; image j of class c uses seed + 1000000*c + j, so the
 output does not depend on --batch_size. Existing files are never overwritten: a rerun only fills in
 what is missing. The model is rebuilt from the checkpoint (EMA weights unless --no_ema).
---output_format png16 | nifti | dicom (medical.py) writes <class_name>_seed<S>.png / .nii.gz / .dcm
+--output_format png16 | nifti | dicom (writers.py) writes <class_name>_seed<S>.png / .nii.gz / .dcm
 instead; nifti and dicom map the image back to physical units (e.g. HU) through the intensity window
 stored in the checkpoint.
 """
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-import medical
+import writers
 from imaging import decode_image
 from models import SCHEDULERS, denoiser_from_checkpoint, load_vae, sample_images
 from runtime import (FlagParser, UserError, autocast, check_writable, pick_device, resolve_precision, run_main,
@@ -45,7 +45,7 @@ def add_sampling_flags(p):
     p.add_argument("--no_ema", action="store_true", help="use the raw weights even if EMA weights exist")
     p.add_argument("--vae", default=None, help="override the VAE recorded in the checkpoint (hub id or folder)")
     p.add_argument("--trust_checkpoint", action="store_true", help="allow loading pickled checkpoints")
-    medical.add_output_flag(p)  # --output_format png | png16 | nifti | dicom
+    writers.add_output_flag(p)  # --output_format png | png16 | nifti | dicom
 
 
 def check_sampling_args(a):
@@ -109,14 +109,14 @@ class Generator:
                             f"checkpoint's UNet expects {self.latent_channels}; pass the VAE it was trained with")
         self.fmt = getattr(args, "output_format", "png")
         try:  # the training data's window (None: 8-bit data, or a checkpoint from before windows)
-            self.window = medical.output_window(self.fmt, c["image_channels"], (c.get("config") or {}).get("intensity"),
+            self.window = writers.output_window(self.fmt, c["image_channels"], (c.get("config") or {}).get("intensity"),
                                                 args.checkpoint)
         except ValueError as e:
             raise UserError(str(e)) from None
 
     def target(self, path):
         """Where the image of job path `path` (written .png) really goes under --output_format."""
-        return Path(path) if self.fmt == "png" else medical.output_path(path, self.fmt)
+        return Path(path) if self.fmt == "png" else writers.output_path(path, self.fmt)
 
     def describe(self, class_idx, seed):
         """The description stored in a NIfTI / DICOM output: model settings only, never a training file."""
@@ -162,7 +162,7 @@ class Generator:
                 if self.fmt == "png":
                     written += save_png_once(float_to_pil(img), path)  # never overwrites a concurrent run's file
                 else:
-                    written += medical.write_image_once(img, path, self.fmt, self.window,
+                    written += writers.write_image_once(img, path, self.fmt, self.window,
                                                         self.describe(cls, seed)) is not None
             batches += 1
             bar.update(len(chunk))

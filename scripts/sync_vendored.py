@@ -20,6 +20,7 @@ COPIES = {
     "runtime.py": ["ddpm", "ldm", "controlnet", "dit"],
     "imaging.py": ["ddpm", "ldm", "controlnet", "dit", "evaluation"],
     "medical.py": ["ddpm", "ldm", "controlnet", "dit", "evaluation"],
+    "writers.py": ["ddpm", "ldm", "controlnet", "dit", "evaluation"],
 }
 
 

@@ -9,7 +9,7 @@ import torch
 
 from repo_helpers import load_folder
 
-imaging, medical = load_folder("evaluation", "imaging", "medical")  # a copy of scripts/vendored (test_vendored)
+imaging, medical, writers = load_folder("evaluation", "imaging", "medical", "writers")  # copies of scripts/vendored
 from medical_files import ct_volume, windowed, write_ct_series, write_dicom, write_nifti  # noqa: E402
 
 
@@ -141,21 +141,21 @@ def test_outputs_round_trip_through_the_window_and_never_overwrite(tmp_path):
     x = torch.from_numpy(rng.random((1, 10, 12)).astype(np.float32))
     window = (-160.0, 240.0)
     opts = medical.ReadOptions("-160,240")
-    nii = medical.write_image_once(x, tmp_path / "seed0001.png", "nifti", window, "seed 1")
+    nii = writers.write_image_once(x, tmp_path / "seed0001.png", "nifti", window, "seed 1")
     assert nii.name == "seed0001.nii.gz"
     import nibabel as nib
     hu = np.asarray(nib.load(nii).dataobj)
     assert hu.shape == (12, 10, 1) and hu.min() >= -160 and hu.max() <= 240
     np.testing.assert_allclose(np.sort(hu.ravel()), np.sort(-160 + x.numpy().ravel() * 400), atol=1e-4)
     np.testing.assert_allclose(decode(nii, opts), x[0].numpy(), atol=1e-6)  # same image back, same orientation
-    dcm = medical.write_image_once(x, tmp_path / "seed0001.png", "dicom", window, "seed 1")
+    dcm = writers.write_image_once(x, tmp_path / "seed0001.png", "dicom", window, "seed 1")
     np.testing.assert_allclose(decode(dcm, opts), x[0].numpy(), atol=0.5 / 65535 + 1e-6)
-    p16 = medical.write_image_once(x, tmp_path / "seed0001.png", "png16")
+    p16 = writers.write_image_once(x, tmp_path / "seed0001.png", "png16")
     np.testing.assert_allclose(decode(p16, None), x[0].numpy(), atol=0.5 / 65535 + 1e-7)
-    rgb = medical.write_image_once(x.expand(3, -1, -1), tmp_path / "rgb.png", "png16")
+    rgb = writers.write_image_once(x.expand(3, -1, -1), tmp_path / "rgb.png", "png16")
     assert imaging.check_image(rgb).dtype == "uint16" and imaging.check_image(rgb).channels == 3
     before = nii.read_bytes()
-    assert medical.write_image_once(torch.zeros_like(x), tmp_path / "seed0001.png", "nifti", window) is None
+    assert writers.write_image_once(torch.zeros_like(x), tmp_path / "seed0001.png", "nifti", window) is None
     assert nii.read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
 
@@ -167,7 +167,7 @@ def test_dicom_output_copies_nothing_from_training_files(tmp_path):
     opts = medical.ReadOptions().fit([train])
     x = imaging.decode_image(train, 1, opts)
     (tmp_path / "gen").mkdir()
-    out = medical.write_image_once(x, tmp_path / "gen" / "seed0003.png", "dicom", opts.window, "seed 3")
+    out = writers.write_image_once(x, tmp_path / "gen" / "seed0003.png", "dicom", opts.window, "seed 3")
     ds = pydicom.dcmread(out)
     raw = out.read_bytes()
     assert b"PAT-SECRET-77" not in raw and b"Doe" not in raw

@@ -16,8 +16,8 @@ from PIL import Image
 
 from repo_helpers import load_folder, run_main_expect
 
-pr, images, features, demo_classifier, medical, imaging = load_folder(
-    "evaluation", "precision_recall", "images", "features", "demo_classifier", "medical", "imaging")
+pr, images, features, demo_classifier, medical, imaging, writers = load_folder(
+    "evaluation", "precision_recall", "images", "features", "demo_classifier", "medical", "imaging", "writers")
 from medical_files import ct_volume, windowed, write_ct_series, write_dicom, write_nifti  # noqa: E402
 
 CT = ct_volume(n_slices=6, size=24)
@@ -26,7 +26,7 @@ CT = ct_volume(n_slices=6, size=24)
 @pytest.fixture(autouse=True)
 def evaluation_modules(monkeypatch):
     """imaging.py imports medical lazily: make that find evaluation's copy, whatever other test modules loaded."""
-    for mod in (pr, images, features, demo_classifier, medical, imaging):
+    for mod in (pr, images, features, demo_classifier, medical, imaging, writers):
         monkeypatch.setitem(sys.modules, mod.__name__, mod)
 
 
@@ -111,7 +111,7 @@ def test_generated_nifti_in_hu_read_like_the_real_dicom(tmp_path, tiny, capsys):
     # a generator's output: each image in HU through the checkpoint's window (what inference writes) ...
     (tmp_path / "gen").mkdir()
     for k in range(len(CT)):
-        assert medical.write_image_once(real[k, :1], tmp_path / "gen" / f"seed{k:04d}.png", "nifti", opts.window)
+        assert writers.write_image_once(real[k, :1], tmp_path / "gen" / f"seed{k:04d}.png", "nifti", opts.window)
     # ... and one 3-D volume in HU without cal_min / cal_max: only the real side's window can map it
     vol = np.stack([sl[::-1, ::-1].T for sl in CT], axis=2)  # displayed slice k (axial) == CT[k]
     (tmp_path / "vol").mkdir()
