@@ -22,6 +22,7 @@ from PIL import Image
 from scipy.spatial.distance import cdist
 
 from repo_helpers import REPO, load_folder, run_script
+from eval_helpers import TinyFeatures  # noqa: E402
 
 pr, metrics, images, features, inception = load_folder(
     "evaluation", "precision_recall", "metrics", "images", "features", "inception")
@@ -58,18 +59,6 @@ def brute_pr(real, gen, k):
     rr, rg = radii(real), radii(gen)
     d = cdist(gen, real)
     return float((d <= rr[None, :]).any(1).mean()), float((d.T <= rg[None, :]).any(1).mean())
-
-
-class TinyFeatures(nn.Module):
-    """A TorchScript-able feature extractor: fixed conv + global pooling -> 8-d."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 8, 3, stride=2)
-
-    def forward(self, x):
-        return torch.relu(self.conv(x)).mean((2, 3))
 
 
 class BrightnessClassifier(nn.Module):

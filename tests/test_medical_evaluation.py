@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from PIL import Image
 
 from repo_helpers import load_folder, run_main_expect
+from eval_helpers import TinyFeatures  # noqa: E402
 
 pr, images, features, demo_classifier, medical, imaging, writers = load_folder(
     "evaluation", "precision_recall", "images", "features", "demo_classifier", "medical", "imaging", "writers")
@@ -25,21 +25,10 @@ CT = ct_volume(n_slices=6, size=24)
 
 @pytest.fixture(autouse=True)
 def evaluation_modules(monkeypatch):
-    """imaging.py imports medical lazily: make that find evaluation's copy, whatever other test modules loaded."""
+    """Pin evaluation's modules in sys.modules for each test: other test modules load other folders' copies of
+    the same names (imaging, medical...)."""
     for mod in (pr, images, features, demo_classifier, medical, imaging, writers):
         monkeypatch.setitem(sys.modules, mod.__name__, mod)
-
-
-class TinyFeatures(nn.Module):
-    """Fixed conv + global pooling -> 8-d, TorchScript-able."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 8, 3, stride=2)
-
-    def forward(self, x):
-        return torch.relu(self.conv(x)).mean((2, 3))
 
 
 @pytest.fixture(scope="module")

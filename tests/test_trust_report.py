@@ -12,11 +12,11 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from repo_helpers import load_folder, run_script
+from eval_helpers import TinyFeatures  # noqa: E402
 
 pr, images, report = load_folder("evaluation", "precision_recall", "images", "report")
 
@@ -25,22 +25,11 @@ LEVELS = {"bright": 170, "dark": 80}
 
 @pytest.fixture(autouse=True)
 def evaluation_modules(monkeypatch):
-    """imaging.py imports medical lazily: make that find evaluation's copy, whatever other test modules loaded."""
+    """Pin evaluation's modules in sys.modules for each test: other test modules load other folders' copies of
+    the same names (imaging, medical...)."""
     for mod in list(sys.modules.values()):
         if getattr(mod, "__file__", "") and "/evaluation/" in mod.__file__:
             monkeypatch.setitem(sys.modules, mod.__name__, mod)
-
-
-class TinyFeatures(nn.Module):
-    """Fixed conv + global pooling -> 8-d, TorchScript-able."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 8, 3, stride=2)
-
-    def forward(self, x):
-        return torch.relu(self.conv(x)).mean((2, 3))
 
 
 def texture(rng, level, size=32):
