@@ -14,7 +14,12 @@
 # Standard FID (InceptionV3) is added only when pytorch-fid's weight file is already on this machine
 # ($FID_INCEPTION_WEIGHTS or torch hub's checkpoints folder): nothing is downloaded.
 set -euo pipefail
+if [ $# -ne 2 ]; then
+  echo "usage: bash evaluation/demo.sh DATA OUT" >&2
+  exit 2
+fi
 DATA="$(cd "$1" && pwd)"
+mkdir -p "$2"
 OUT="$(cd "$2" && pwd)"
 cd "$(dirname "$0")"
 EVAL="$OUT/evaluation"

@@ -47,7 +47,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--real", required=True, help="real class folders (the first row)")
     p.add_argument("--out", required=True, help="PNG to write")
-    p.add_argument("models", nargs="+", help="NAME=FOLDER of class subfolders, one row each")
+    p.add_argument("models", nargs="*", help="NAME=FOLDER of class subfolders, one row each")
     args = p.parse_args(argv)
     real = Path(args.real)
     if not real.is_dir():
