@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import medical
 from imaging import ALL_EXTENSIONS, IMAGE_EXTENSIONS, ImageError, Source, check_image, decode_image  # noqa: F401
+from imaging import read_pixels, resize_image, resize_mask
 from imaging import list_images as _list_image_files
 
 # --scaling of precision_recall.py: kept so the flag still parses; every value decodes by the one rule.
@@ -86,7 +86,7 @@ def pair_masks(root, rel_files):
 
 
 class _Resized(torch.utils.data.Dataset):
-    """Decoded images resized (antialiased bilinear) to size x size: float C x size x size in [0, 1]."""
+    """Decoded images at size x size by the one resize rule (imaging.resize_image): float C x size x size in [0, 1]."""
 
     def __init__(self, paths, size, opts):
         self.paths, self.size, self.opts = list(paths), size, opts
@@ -95,9 +95,7 @@ class _Resized(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        x = decode_image(self.paths[i], 3, self.opts)
-        return F.interpolate(x[None], size=(self.size, self.size), mode="bilinear", align_corners=False,
-                             antialias=True)[0].clamp_(0, 1)
+        return resize_image(decode_image(self.paths[i], 3, self.opts), self.size)
 
 
 def load_pixels(paths, size, opts=None, num_workers=0, batch_size=64):
@@ -111,20 +109,16 @@ def load_pixels(paths, size, opts=None, num_workers=0, batch_size=64):
 
 
 def load_masks(paths, size):
-    """(N, 1, size, size) int64 label masks (nearest resize); 0/255 masks become 0/1."""
-    from PIL import Image
-
+    """(N, 1, size, size) int64 label masks, read and resized as the model folders read masks (imaging.read_pixels
+    keeping palette indices, resize_mask: nearest on the images' geometry); 0/255 masks become 0/1."""
     out = []
     for p in paths:
         try:
-            with Image.open(p) as im:
-                m = np.asarray(im)
-        except Exception as exc:
-            raise UserError(f"mask {p} is not a readable 2-D image ({type(exc).__name__}); TSTR segmentation "
-                            "reads PNG / TIFF / BMP label masks") from None
-        m = m[..., 0] if m.ndim == 3 else m
-        t = torch.from_numpy(m.astype(np.int64))[None, None].float()
-        out.append(F.interpolate(t, size=(size, size), mode="nearest")[0].long())
+            m = read_pixels(p, expand_palette=False)[..., :1]  # labels / 255 (8-bit and label-map volumes)
+        except ImageError as exc:
+            raise UserError(f"mask {exc}") from None
+        labels = torch.from_numpy(np.round(m * 255).astype(np.int64)).permute(2, 0, 1)
+        out.append(resize_mask(labels, size).round().long())
     masks = torch.stack(out)
     if set(torch.unique(masks).tolist()) <= {0, 255}:
         masks = masks // 255
