@@ -1,7 +1,7 @@
 """Class-folder image data for the LDM: validation, loading to [-1, 1], splits, batch order, latent cache.
 
     data_root/<class_name>/<image>.png   (class names sorted -> labels 0..C-1)
-    data_root/<class_name>/<patient>_slice_000.dcm, <volume>.nii.gz ...   (medical.py: one image per slice)
+    data_root/<class_name>/[<patient>/]<slice>.dcm, <volume>.nii.gz ...   (medical.py: one image per slice)
 
 Not run directly; `train.py` and `train_vae.py` use it. Every file is decoded once up front so a broken
 file is named before any training starts. Pixels follow the repository's one image rule (imaging.py,
@@ -37,7 +37,8 @@ def list_images(folder):
 
 
 def scan_class_folders(root, opts=None):
-    """Validate `root/<class>/<images>`; return (class_names, [(Source, label)], channels 1 or 3).
+    """Validate `root/<class>/<images>` (images anywhere below the class folder, e.g. one folder per patient);
+    return (class_names, [(Source, label)], channels 1 or 3).
 
     DICOM / NIfTI files give one Source per slice / frame (medical.expand: --slice_range, constant slices
     skipped); `opts` (medical.ReadOptions) is what every image is checked with."""
@@ -52,7 +53,7 @@ def scan_class_folders(root, opts=None):
         raise UserError(f"--data_root {root} has no class subfolders{hint}")
     samples, channels = [], 1
     for label, name in enumerate(classes):
-        files = list_images(root / name)
+        files = _list_image_files(root / name, recursive=True)  # a DICOM series usually sits in patient folders
         if not files:
             raise UserError(f"class folder {root / name} has no images ({', '.join(sorted(ALL_EXTENSIONS))}); "
                             f"add images or remove the folder")

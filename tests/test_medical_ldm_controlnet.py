@@ -167,6 +167,20 @@ print(json.dumps(res))
     assert got["keys_differ"] and got["indices"] == [0, 1, 2, 3]
 
 
+def test_ldm_reads_a_series_kept_in_patient_folders(tmp_path):
+    """data_root/<class>/<patient>/*.dcm, the usual layout of DICOM exports: every slice found, one group each."""
+    for c, name in enumerate(("healthy", "lesion")):
+        for p in range(2):
+            write_ct_series(tmp_path / name / f"P{c}{p}", ct_volume(3, SIZE, seed=c + 2 * p), patient_id=f"Q{c}{p}")
+    got = snippet("ldm", f"""
+import json, medical, dataset
+opts = medical.ReadOptions()
+names, samples, _ = dataset.scan_class_folders({str(tmp_path)!r}, opts)
+print(json.dumps(dict(names=names, n=len(samples), groups=len(set(dataset.groups_of(samples, opts))))))
+""")
+    assert got == {"names": ["healthy", "lesion"], "n": 12, "groups": 4}
+
+
 # ------------------------------------------------------------------------------------------ ControlNet
 def test_controlnet_pairs_nifti_slices_and_splits_by_volume(med):
     got = snippet("controlnet", f"""
