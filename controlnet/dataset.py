@@ -12,101 +12,23 @@ so they stay aligned with their images and no new value appears. Used by train.p
 DICOM / NIfTI files (medical.py, vendored) give one image per slice / frame (an imaging.Source whose stem
 is '<file stem>_<slice:04d>'), images read through the LDM's intensity window, masks as label maps
 (integers 0..255, / 255); constant image slices are skipped, and the mask slices that went with them are
-dropped (counted, not reported as unpaired).
+dropped (counted, not reported as unpaired). The pairing itself and the class-label CSV are pairing.py
+(vendored, shared with ddpm/); their names stay importable from here.
 """
-import csv
-from pathlib import Path
-
 import numpy as np
 import torch
 
 import medical
-from imaging import (ALL_EXTENSIONS, IMAGE_EXTENSIONS, ImageError, Source, check_image, decode_image,
-                     read_pixels, resize_image, resize_mask)
-from imaging import list_images as _list_image_files
+import pairing
+from imaging import IMAGE_EXTENSIONS, ImageError, check_image, decode_image, read_pixels, resize_image, resize_mask
 from models import UserError
+from pairing import (_key, describe_unpaired, expand_sources, label_of, list_images,  # noqa: F401 (re-exported)
+                     pair_files, pair_slices)
 
 IMAGE_EXTS = IMAGE_EXTENSIONS
 ONE_CHANNEL_MODES = ("1", "L", "LA", "P", "PA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "NIfTI",
                      "DICOM MONOCHROME1", "DICOM MONOCHROME2")
 THREE_CHANNEL_MODES = ("RGB", "RGBA", "DICOM RGB")
-
-
-def list_images(folder, what):
-    """Sorted image files of a folder; UserError when it is missing, empty, or has two files with one stem."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{what} {folder} is not a folder")
-    files = _list_image_files(folder)
-    if not files:
-        raise UserError(f"{what} {folder} has no images ({', '.join(ALL_EXTENSIONS)})")
-    seen = {}
-    for p in files:
-        stem = Source(p).file_stem  # ct_001.nii.gz -> ct_001
-        if stem in seen:
-            raise UserError(f"{what} {folder}: {seen[stem].name} and {p.name} share the stem '{stem}'; "
-                            f"keep one of them")
-        seen[stem] = p
-    return files
-
-
-def expand_sources(files, opts, what, skip_empty=True):
-    """medical.expand (one Source per 2-D file / slice / frame), an unusable file as UserError naming it."""
-    try:
-        return medical.expand(files, opts, skip_empty=skip_empty)
-    except ImageError as e:
-        raise UserError(f"{what} {e}") from None
-
-
-def _key(stem, prefix):
-    """Pairing key of a file stem: the stem without its prefix; None when the prefix is absent."""
-    if not prefix:
-        return stem
-    return stem[len(prefix):] if stem.startswith(prefix) else None
-
-
-def pair_files(images_dir, masks_dir, image_prefix="", mask_prefix="", opts=None):
-    """Pair images with masks by stem (after removing the prefixes): (pairs, unpaired_images, unpaired_masks)."""
-    return pair_slices(images_dir, masks_dir, image_prefix, mask_prefix, opts)[:3]
-
-
-def pair_slices(images_dir, masks_dir, image_prefix="", mask_prefix="", opts=None):
-    """pair_files over 2-D images / slices / frames (Sources) -> (pairs, unpaired images, unpaired masks, dropped).
-
-    Slice k of images/ct_001.nii.gz pairs with slice k of masks/ct_001.nii.gz (Source.stem); `dropped` are
-    the mask slices whose image slice was skipped as empty (constant): left out, not reported as unpaired."""
-    image_files = list_images(images_dir, "images folder")
-    images = expand_sources(image_files, opts, "image")
-    masks = expand_sources(list_images(masks_dir, "masks folder"), opts, "mask", skip_empty=False)
-    kept = set(images)
-    skipped = {_key(s.stem, image_prefix) for s in expand_sources(image_files, opts, "image", skip_empty=False)
-               if s not in kept} - {None}
-    mask_by_key = {}
-    unpaired_masks = []
-    for m in masks:
-        k = _key(m.stem, mask_prefix)
-        (unpaired_masks.append(m) if k is None else mask_by_key.__setitem__(k, m))
-    pairs, unpaired_images, used = [], [], set()
-    for im in images:
-        k = _key(im.stem, image_prefix)
-        if k is not None and k in mask_by_key:
-            pairs.append((im, mask_by_key[k]))
-            used.add(k)
-        else:
-            unpaired_images.append(im)
-    dropped = [m for k, m in mask_by_key.items() if k not in used and k in skipped]
-    unpaired_masks += [m for k, m in mask_by_key.items() if k not in used and k not in skipped]
-    return pairs, unpaired_images, sorted(unpaired_masks), dropped
-
-
-def describe_unpaired(unpaired_images, unpaired_masks, show=5):
-    """One line naming how many files are unpaired and the first few of each kind."""
-    parts = []
-    for files, what in ((unpaired_images, "image(s) without a mask"), (unpaired_masks, "mask(s) without an image")):
-        if files:
-            names = ", ".join(p.name for p in files[:show]) + (", ..." if len(files) > show else "")
-            parts.append(f"{len(files)} {what}: {names}")
-    return "; ".join(parts)
 
 
 def check_mask_mode(path, mode, mask_channels):
@@ -135,34 +57,8 @@ def validate_pairs(pairs, mask_channels, opts=None):
 
 
 def read_class_labels(csv_path, class_names):
-    """Read `stem,class_name` rows (a header row is allowed) -> dict stem -> class index."""
-    path = Path(csv_path)
-    if not path.is_file():
-        raise UserError(f"--class_labels_csv {path} does not exist")
-    index = {n: i for i, n in enumerate(class_names)}
-    labels = {}
-    with open(path, newline="") as f:
-        for row_no, row in enumerate(csv.reader(f), 1):
-            row = [c.strip() for c in row]
-            if not row or not any(row):
-                continue
-            if len(row) < 2:
-                raise UserError(f"--class_labels_csv {path} line {row_no}: expected 'stem,class_name'")
-            stem, name = row[0], row[1]
-            if row_no == 1 and name not in index and name.lower() in ("class", "class_name", "label", "name"):
-                continue
-            if name not in index:
-                raise UserError(f"--class_labels_csv {path} line {row_no}: unknown class '{name}'; the LDM's "
-                                f"classes are: {', '.join(class_names)}")
-            labels[Source(stem).file_stem] = index[name]  # ct_001.nii.gz -> ct_001
-    if not labels:
-        raise UserError(f"--class_labels_csv {path} has no rows")
-    return labels
-
-
-def label_of(src, by_stem):
-    """The class of an image or slice from read_class_labels' dict: its own stem, else its file's (a volume)."""
-    return by_stem.get(src.stem, by_stem.get(src.file_stem))
+    """pairing.read_class_labels, its unknown-class message naming the LDM's classes."""
+    return pairing.read_class_labels(csv_path, class_names, whose="the LDM's")
 
 
 def read_options(args, ldm_intensity, stored, images):

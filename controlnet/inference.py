@@ -23,11 +23,11 @@ from PIL import Image
 
 import medical
 import writers
-from dataset import (check_mask_mode, expand_sources, label_of, list_images, load_mask, read_class_labels,
-                     verify_file)
+from dataset import check_mask_mode, load_mask, read_class_labels, verify_file
 from imaging import ALL_EXTENSIONS, decode_image, is_image_file
 from models import (SCHEDULERS, ClassEmbedder, ControlledUNet, DummyEncoder, UserError, check_same_ldm, decode,
                     initial_latents, load_flagged_checkpoint, load_ldm, make_sampler, sample)
+from pairing import dice, expand_sources, label_of, list_images, otsu_threshold
 from runtime import (FlagParser, atomic_write_text, autocast, autocast_dtype, pick_device, resolve_precision,
                      run_main, save_png_once, setup_cuda_speedups, timing_summary)
 from diffusers import ControlNetModel
@@ -80,22 +80,6 @@ def parse_args(argv=None):
         except ValueError:
             raise UserError(f"--dice_threshold must be 'otsu' or a number in [0, 1], got {args.dice_threshold}")
     return args
-
-
-def otsu_threshold(gray):
-    """Otsu's threshold of a uint8 image (hand-written: scikit-image is not a dependency)."""
-    hist = np.bincount(gray.ravel(), minlength=256).astype(np.float64)
-    p = hist / max(hist.sum(), 1)
-    w0 = np.cumsum(p)
-    mu = np.cumsum(p * np.arange(256))
-    between = (mu[-1] * w0 - mu) ** 2 / np.maximum(w0 * (1 - w0), 1e-12)
-    return int(np.argmax(between[:-1]))  # foreground is > threshold
-
-
-def dice(mask_fg, image_fg):
-    """Dice overlap of two boolean arrays (1.0 when both are empty)."""
-    a, b = mask_fg.sum(), image_fg.sum()
-    return 1.0 if a + b == 0 else float(2 * np.logical_and(mask_fg, image_fg).sum() / (a + b))
 
 
 def to_uint8(x):

@@ -18,13 +18,19 @@ folder remembers its settings (settings.json) and refuses samples made with othe
 `--output-format png` (default, 8-bit), `png16`, `nifti` (`.nii.gz`, 1-channel models: values mapped back
 through the checkpoint's intensity window, e.g. to HU) or `dicom` (`.dcm`, secondary capture with new UIDs;
 nothing is copied from any training file). Grids are made for png output only.
+
+The checkpoint's training task decides what is made: "generate" images as above; "masks" label masks as PNGs
+(0/255 for binary masks, else the labels 0..K-1), named as above; mask2image, superres and segmentation
+checkpoints sample from --condition (and --ground_truth) in cond_inference.py, which documents those flags.
 """
 import json
 import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
+import conditional
 import writers
 import runtime as rt
 from models import Diffusion, count_parameters, rebuild_model
@@ -59,7 +65,21 @@ def add_sample_args(p):
     add("device", default="auto", help="auto (default), cpu, cuda")
     add("trust-checkpoint", action="store_true", help="allow loading a pickled (non-plain) checkpoint")
     writers.add_output_flag(p)  # --output_format png | png16 | nifti | dicom
+    # image-conditioned checkpoints (mask2image, superres, segmentation): cond_inference.py
+    add("condition", help="condition file or folder (recursive): masks, low-res or input images")
+    add("ground-truth", help="file or folder paired with the conditions by stem (metrics, comparisons)")
+    add("samples-per-condition", type=int, default=1, help="samples per condition (seed + i*N + j)")
+    add("cond-scale", type=float, default=1.0, help="guidance on the condition (1 = none, 0 = ignore it)")
+    add("save-comparison", action="store_true", help="also write condition | sample | ground truth")
+    add("report-dice", action="store_true", help="mask2image: Dice of mask vs thresholded image (dice.csv)")
+    add("dice-threshold", default="otsu", help="'otsu' or a grey level in [0, 1] for the image foreground")
+    add("dice-foreground", default="bright", choices=("bright", "dark"), help="which side of the threshold")
+    add("class-label", help="class name for every condition (models trained with classes and conditions)")
+    add("pair-layout", action="store_true", help="mask2image: write images/ + masks/ + pairs.csv (synthetic pairs)")
     return p
+
+
+COND_FLAGS = ("condition", "ground_truth", "save_comparison", "report_dice", "class_label", "pair_layout")
 
 
 def build_parser():
@@ -81,10 +101,9 @@ def load_model(ckpt, use_ema=False, trust=False):
         if obj["model_type"] != MODEL_TYPE:
             raise UserError(f"{ckpt} is a {obj['model_type']!r} checkpoint, not a DDPM one")
         cfg = obj.get("config") or {}
-        info = {"model": {"c_in": cfg["channels"], "c_out": cfg["channels"], "img_size": cfg["image_size"],
-                          "time_dim": cfg["time_dim"], "base_channels": cfg["base_channels"],
-                          "num_classes": cfg["num_classes"]},
-                "diffusion": {k: cfg[k] for k in ("noise_steps", "schedule", "beta_start", "beta_end")},
+        info = {"model": state_model_config(cfg),
+                "diffusion": {k: cfg.get(k) for k in ("noise_steps", "schedule", "beta_start", "beta_end",
+                                                      "prediction_type")},
                 "class_names": obj.get("class_names", []), "intensity": cfg.get("intensity"), "train": cfg}
         weights, wpath = obj["ema" if use_ema else "model"], ckpt
     else:
@@ -117,6 +136,23 @@ def load_model(ckpt, use_ema=False, trust=False):
         raise UserError(f"{wpath} does not match the architecture in its config ({describe(info)}): it is a "
                         f"checkpoint of another architecture or size ({first[0][:160]})")
     return model.eval(), info, wpath
+
+
+def state_model_config(cfg):
+    """The UNet config of a train_state.pt's training config (target channels, condition channels)."""
+    task, k = cfg.get("task", "generate"), int(cfg.get("num_mask_classes", 2))
+    ct = conditional.target_channels(task, k, cfg["channels"])
+    m = {"c_in": ct, "c_out": ct, "img_size": cfg["image_size"], "time_dim": cfg["time_dim"],
+         "base_channels": cfg["base_channels"], "num_classes": cfg["num_classes"]}
+    cc = conditional.cond_channels(task, k, cfg["channels"])
+    if cc:
+        m.update(cond_channels=cc, cond_mode=cfg.get("cond_mode", "concat"))
+    return m
+
+
+def task_of(info):
+    """The training task of a checkpoint ("generate" for runs from before tasks)."""
+    return (info.get("train") or {}).get("task", "generate")
 
 
 def describe(info):
@@ -209,6 +245,21 @@ def sample(args):
     if args.image_size is not None and args.image_size != m["img_size"]:
         raise UserError(f"--image-size {args.image_size} disagrees with {args.ckpt}, which makes "
                         f"{m['img_size']}x{m['img_size']} images")
+    task = task_of(info)
+    if task in conditional.PAIRED_TASKS:
+        import cond_inference  # only conditional checkpoints need it
+        return cond_inference.sample_conditional(args, model, info, wpath)
+    given = [f"--{k.replace('_', '-')}" for k in COND_FLAGS if getattr(args, k)]
+    given += [f"--{k.replace('_', '-')}" for k, v in (("samples_per_condition", 1), ("cond_scale", 1.0))
+              if getattr(args, k) != v]
+    if given:
+        raise UserError(f"{' '.join(given)}: {args.ckpt} is a {task} checkpoint without an image condition; "
+                        f"drop {'it' if len(given) == 1 else 'them'} (they are for mask2image, superres and "
+                        f"segmentation checkpoints)")
+    masks = task == "masks"
+    k = int(info["train"].get("num_mask_classes", 2)) if masks else 2
+    if masks and args.output_format != "png":
+        raise UserError(f"--output_format {args.output_format}: a masks checkpoint writes label PNGs; drop the flag")
     labels = resolve_labels(args.class_labels, class_names if m["num_classes"] else [])
     steps = args.sampling_steps or (d["noise_steps"] if args.sampler == "ddpm" else min(50, d["noise_steps"]))
     if not 1 <= steps <= d["noise_steps"]:
@@ -242,7 +293,7 @@ def sample(args):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     diffusion = Diffusion(d["noise_steps"], d["beta_start"], d["beta_end"], m["img_size"], device, d["schedule"],
-                          m["c_in"])
+                          m["c_in"], d.get("prediction_type") or "epsilon")
     logger.info(f"loaded {wpath} ({describe(info)}, {count_parameters(model):,} parameters); world size {world}")
     if fmt in ("nifti", "dicom"):
         logger.info(f"{fmt} output in the training data's units: " + (
@@ -268,9 +319,14 @@ def sample(args):
         y = torch.tensor([labels[i % len(labels)] for i in chunk], device=device) if labels is not None else None
         imgs = diffusion.sample(model, len(chunk), labels=y, cfg_scale=args.cfg_scale, sampler=args.sampler,
                                 steps=steps, seeds=[args.seed + i for i in chunk], eta=args.eta, progress=False,
-                                autocast_dtype=amp_dtype, channels_last=args.channels_last, as_float=fmt != "png")
+                                autocast_dtype=amp_dtype, channels_last=args.channels_last,
+                                as_float=fmt != "png" or masks)
         for i, img in zip(chunk, imgs.cpu()):
-            if fmt == "png":
+            if masks:  # label maps: 0/255 for binary masks, else the labels 0..K-1
+                lab = conditional.decode_mask(img[None] * 2 - 1, k)[0]
+                written += rt.save_png_once(Image.fromarray(conditional.mask_png(lab, k)), image_path(
+                    out, i, args.seed, labels, class_names, args.class_subfolders))
+            elif fmt == "png":
                 written += rt.save_png_once(rt.to_pil(img), image_path(out, i, args.seed, labels, class_names,
                                                                        args.class_subfolders))
             else:

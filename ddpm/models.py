@@ -26,6 +26,9 @@ from runtime import EMA as _RuntimeEMA
 
 from utils import UserError
 
+COND_MODES = ("concat", "spade")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
 # Architecture presets: what differs between our default UNet and dome272's layout. Neither changes a
 # tensor shape except where attention sits and the time MLP, so load_state_dict can tell them apart.
 ARCHS = {
@@ -64,47 +67,86 @@ def pow_sinusoidal_embedding(t, dim):
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
-class DoubleConv(nn.Module):
-    """conv-norm-GELU-conv-norm, optionally residual (needs in == out)."""
+class SPADE(nn.Module):
+    """Spatially-adaptive modulation of a normalised feature map by the condition (Park et al. 2019).
 
-    def __init__(self, c_in, c_out, mid=None, residual=False, groups=None):
+    h * (1 + gamma(c)) + beta(c), with c the condition average-pooled to h's size (exact for the UNet's
+    power-of-two sizes; a one-hot mask becomes label fractions). gamma and beta start at zero, so an
+    untrained SPADE UNet is the plain UNet."""
+
+    def __init__(self, cond_channels, ch, hidden=32):
+        super().__init__()
+        self.shared = nn.Sequential(nn.Conv2d(cond_channels, hidden, 3, padding=1), nn.SiLU())
+        self.gamma = nn.Conv2d(hidden, ch, 3, padding=1)
+        self.beta = nn.Conv2d(hidden, ch, 3, padding=1)
+        for conv in (self.gamma, self.beta):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, h, cond):
+        c = cond if cond.shape[-2:] == h.shape[-2:] else F.adaptive_avg_pool2d(cond, h.shape[-2:])
+        c = self.shared(c.to(h.dtype))
+        return h * (1 + self.gamma(c)) + self.beta(c)
+
+
+class DoubleConv(nn.Module):
+    """conv-norm-GELU-conv-norm, optionally residual (needs in == out); with spade_channels, each norm is
+    followed by a SPADE modulation from the condition."""
+
+    def __init__(self, c_in, c_out, mid=None, residual=False, groups=None, spade_channels=0):
         super().__init__()
         mid = mid or c_out
         self.residual = residual
         self.net = nn.Sequential(
             nn.Conv2d(c_in, mid, 3, padding=1, bias=False), nn.GroupNorm(_groups(mid, groups), mid), nn.GELU(),
             nn.Conv2d(mid, c_out, 3, padding=1, bias=False), nn.GroupNorm(_groups(c_out, groups), c_out))
+        self.spade = nn.ModuleList([SPADE(spade_channels, mid), SPADE(spade_channels, c_out)]) \
+            if spade_channels else None
 
-    def forward(self, x):
-        return F.gelu(x + self.net(x)) if self.residual else self.net(x)
+    def forward(self, x, cond=None):
+        if self.spade is None:
+            h = self.net(x)
+        else:
+            n = self.net
+            h = n[2](self.spade[0](n[1](n[0](x)), cond))
+            h = self.spade[1](n[4](n[3](h)), cond)
+        return F.gelu(x + h) if self.residual else h
+
+
+def _run(seq, x, cond):
+    """Apply a Sequential whose DoubleConv members take the condition."""
+    for m in seq:
+        x = m(x, cond) if isinstance(m, DoubleConv) else m(x)
+    return x
 
 
 class Down(nn.Module):
     """Halve the resolution, two conv blocks, add the projected time(+class) embedding."""
 
-    def __init__(self, c_in, c_out, emb_dim, groups=None):
+    def __init__(self, c_in, c_out, emb_dim, groups=None, spade=0):
         super().__init__()
-        self.conv = nn.Sequential(nn.MaxPool2d(2), DoubleConv(c_in, c_in, residual=True, groups=groups),
-                                  DoubleConv(c_in, c_out, groups=groups))
+        self.conv = nn.Sequential(nn.MaxPool2d(2), DoubleConv(c_in, c_in, residual=True, groups=groups,
+                                                              spade_channels=spade),
+                                  DoubleConv(c_in, c_out, groups=groups, spade_channels=spade))
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, c_out))
 
-    def forward(self, x, emb):
-        return self.conv(x) + self.emb(emb)[:, :, None, None]
+    def forward(self, x, emb, cond=None):
+        return _run(self.conv, x, cond) + self.emb(emb)[:, :, None, None]
 
 
 class Up(nn.Module):
     """Double the resolution, concatenate the skip, two conv blocks, add the embedding."""
 
-    def __init__(self, c_in, c_out, emb_dim, groups=None):
+    def __init__(self, c_in, c_out, emb_dim, groups=None, spade=0):
         super().__init__()
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
-        self.conv = nn.Sequential(DoubleConv(c_in, c_in, residual=True, groups=groups),
-                                  DoubleConv(c_in, c_out, c_in // 2, groups=groups))
+        self.conv = nn.Sequential(DoubleConv(c_in, c_in, residual=True, groups=groups, spade_channels=spade),
+                                  DoubleConv(c_in, c_out, c_in // 2, groups=groups, spade_channels=spade))
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, c_out))
 
-    def forward(self, x, skip, emb):
+    def forward(self, x, skip, emb, cond=None):
         x = torch.cat([skip, self.up(x)], dim=1)
-        return self.conv(x) + self.emb(emb)[:, :, None, None]
+        return _run(self.conv, x, cond) + self.emb(emb)[:, :, None, None]
 
 
 class SelfAttention(nn.Module):
@@ -141,13 +183,15 @@ class UNet(nn.Module):
     unless given."""
 
     def __init__(self, c_in=3, c_out=3, time_dim=256, img_size=64, base_channels=64, num_classes=None,
-                 device=None, arch="default", attn_threshold=None):
+                 device=None, arch="default", attn_threshold=None, cond_channels=0, cond_mode="concat"):
         super().__init__()
         if img_size % 8 != 0 or img_size < 8:
             raise UserError(f"image size {img_size} is not divisible by 8 (the UNet halves it 3 times); "
                             f"use e.g. {max(8, img_size // 8 * 8)} or {img_size // 8 * 8 + 8}")
-        if c_in not in (1, 3) or c_out not in (1, 3):
+        if min(c_in, c_out) < 1 or (not cond_channels and (c_in not in (1, 3) or c_out not in (1, 3))):
             raise UserError(f"channels must be 1 or 3, got c_in={c_in} c_out={c_out}")
+        if cond_mode not in COND_MODES:
+            raise UserError(f"--cond_mode {cond_mode!r} is unknown (use {' or '.join(COND_MODES)})")
         if arch not in ARCHS:
             raise UserError(f"arch {arch!r} is unknown (use one of {', '.join(ARCHS)})")
         opts = dict(ARCHS[arch])
@@ -159,23 +203,35 @@ class UNet(nn.Module):
         self.c_in, self.c_out, self.img_size, self.time_dim = c_in, c_out, img_size, time_dim
         self.base_channels, self.num_classes = b, num_classes
         self.arch, self.attn_threshold = arch, thr
+        # An image condition: concatenated to the input, or injected by SPADE after every normalisation.
+        self.cond_channels, self.cond_mode = int(cond_channels), cond_mode
+        cat = self.cond_channels if cond_mode == "concat" else 0
+        sp = self.cond_channels if cond_mode == "spade" else 0
 
         def attn(ch, side, default_on):
             on = default_on if thr is None else side <= thr
             return SelfAttention(ch, heads=heads) if on else nn.Identity()  # Identity: no state-dict keys
 
         s = img_size
-        self.inc = DoubleConv(c_in, b, groups=g)
-        self.down1, self.sa1 = Down(b, 2 * b, time_dim, g), attn(2 * b, s // 2, True)
-        self.down2, self.sa2 = Down(2 * b, 4 * b, time_dim, g), attn(4 * b, s // 4, True)
-        self.down3, self.sa3 = Down(4 * b, 4 * b, time_dim, g), attn(4 * b, s // 8, True)
-        self.bot1 = DoubleConv(4 * b, 8 * b, groups=g)
-        self.bot2 = DoubleConv(8 * b, 8 * b, groups=g)
-        self.bot3 = DoubleConv(8 * b, 4 * b, groups=g)
-        self.up1, self.sa4 = Up(8 * b, 2 * b, time_dim, g), attn(2 * b, s // 4, True)
-        self.up2, self.sa5 = Up(4 * b, b, time_dim, g), attn(b, s // 2, True)
-        self.up3, self.sa6 = Up(2 * b, b, time_dim, g), attn(b, s, False)
+        self.inc = DoubleConv(c_in + cat, b, groups=g, spade_channels=sp)
+        self.down1, self.sa1 = Down(b, 2 * b, time_dim, g, sp), attn(2 * b, s // 2, True)
+        self.down2, self.sa2 = Down(2 * b, 4 * b, time_dim, g, sp), attn(4 * b, s // 4, True)
+        self.down3, self.sa3 = Down(4 * b, 4 * b, time_dim, g, sp), attn(4 * b, s // 8, True)
+        self.bot1 = DoubleConv(4 * b, 8 * b, groups=g, spade_channels=sp)
+        self.bot2 = DoubleConv(8 * b, 8 * b, groups=g, spade_channels=sp)
+        self.bot3 = DoubleConv(8 * b, 4 * b, groups=g, spade_channels=sp)
+        self.up1, self.sa4 = Up(8 * b, 2 * b, time_dim, g, sp), attn(2 * b, s // 4, True)
+        self.up2, self.sa5 = Up(4 * b, b, time_dim, g, sp), attn(b, s // 2, True)
+        self.up3, self.sa6 = Up(2 * b, b, time_dim, g, sp), attn(b, s, False)
         self.outc = nn.Conv2d(b, c_out, 1)
+        if self.cond_channels:
+            # A linear 1x1 path from the input (noisy target + condition) to the output. The first block's
+            # GroupNorm (one channel per group at small widths) removes each map's mean, so without it the
+            # network cannot see the mean of x_t or of the condition, and its noise estimate is off by a
+            # constant that DDIM amplifies at large t into a brightness shift (seen in super-resolution).
+            self.input_skip = nn.Conv2d(c_in + self.cond_channels, c_out, 1)
+            nn.init.zeros_(self.input_skip.weight)
+            nn.init.zeros_(self.input_skip.bias)
         if opts["time_mlp"]:
             self.time_mlp = nn.Sequential(nn.Linear(time_dim, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
             self.time_encoding = sinusoidal_embedding
@@ -193,6 +249,8 @@ class UNet(nn.Module):
                "base_channels": self.base_channels, "num_classes": self.num_classes}
         if self.arch != "default" or self.attn_threshold is not None:  # older configs lack these keys
             cfg.update(arch=self.arch, attn_threshold=self.attn_threshold)
+        if self.cond_channels:
+            cfg.update(cond_channels=self.cond_channels, cond_mode=self.cond_mode)
         return cfg
 
     def embed(self, t, y=None):
@@ -204,17 +262,28 @@ class UNet(nn.Module):
             emb = emb + self.label_emb(y)
         return emb
 
-    def forward(self, x, t, y=None):
+    def forward(self, x, t, y=None, cond=None):
+        """Noise prediction; cond = the encoded condition (N, cond_channels, H, W), None = the null condition."""
         emb = self.embed(t, y)
-        x1 = self.inc(x)
-        x2 = self.sa1(self.down1(x1, emb))
-        x3 = self.sa2(self.down2(x2, emb))
-        x4 = self.sa3(self.down3(x3, emb))
-        x4 = self.bot3(self.bot2(self.bot1(x4)))
-        x = self.sa4(self.up1(x4, x3, emb))
-        x = self.sa5(self.up2(x, x2, emb))
-        x = self.sa6(self.up3(x, x1, emb))
-        return self.outc(x)
+        c = None
+        if self.cond_channels:
+            c = cond if cond is not None else x.new_zeros((x.shape[0], self.cond_channels, *x.shape[-2:]))
+            if c.shape[1] != self.cond_channels or c.shape[-2:] != x.shape[-2:]:
+                raise UserError(f"the condition has shape {tuple(c.shape[1:])}; this model takes "
+                                f"({self.cond_channels}, {x.shape[-2]}, {x.shape[-1]})")
+            xc = torch.cat([x, c.to(x.dtype)], dim=1)
+            skip = self.input_skip(xc)
+            if self.cond_mode == "concat":
+                x, c = xc, None
+        x1 = self.inc(x, c)
+        x2 = self.sa1(self.down1(x1, emb, c))
+        x3 = self.sa2(self.down2(x2, emb, c))
+        x4 = self.sa3(self.down3(x3, emb, c))
+        x4 = self.bot3(self.bot2(self.bot1(x4, c), c), c)
+        x = self.sa4(self.up1(x4, x3, emb, c))
+        x = self.sa5(self.up2(x, x2, emb, c))
+        x = self.sa6(self.up3(x, x1, emb, c))
+        return self.outc(x) if not self.cond_channels else self.outc(x) + skip
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """torch's load_state_dict, but a checkpoint of another architecture fails with one sentence
@@ -229,16 +298,18 @@ class UNet_conditional(UNet):  # noqa: N801  (name fixed by the spec)
     """Class-conditional UNet (learned class embedding + a null token for classifier-free guidance)."""
 
     def __init__(self, c_in=3, c_out=3, time_dim=256, num_classes=None, img_size=64, base_channels=64,
-                 device=None, arch="default", attn_threshold=None):
+                 device=None, arch="default", attn_threshold=None, cond_channels=0, cond_mode="concat"):
         if num_classes is None or num_classes < 1:
             raise UserError("UNet_conditional needs num_classes >= 1")
-        super().__init__(c_in, c_out, time_dim, img_size, base_channels, num_classes, device, arch, attn_threshold)
+        super().__init__(c_in, c_out, time_dim, img_size, base_channels, num_classes, device, arch, attn_threshold,
+                         cond_channels, cond_mode)
 
 
 def rebuild_model(cfg):
     """Build the UNet described by a stored config dict (see UNet.config)."""
     kw = {k: cfg[k] for k in ("c_in", "c_out", "img_size", "time_dim", "base_channels")}
-    kw.update(arch=cfg.get("arch") or "default", attn_threshold=cfg.get("attn_threshold"))
+    kw.update(arch=cfg.get("arch") or "default", attn_threshold=cfg.get("attn_threshold"),
+              cond_channels=int(cfg.get("cond_channels") or 0), cond_mode=cfg.get("cond_mode") or "concat")
     if cfg.get("num_classes"):
         return UNet_conditional(num_classes=int(cfg["num_classes"]), **kw)
     return UNet(**kw)
@@ -254,7 +325,11 @@ def infer_config(sd, img_size):
     if "inc.net.0.weight" not in sd or "outc.weight" not in sd:
         raise CheckpointMismatch(f"not a state dict of this DDPM UNet ({_describe_keys(sd)})")
     w = sd["inc.net.0.weight"]
-    cfg = {"c_in": int(w.shape[1]), "c_out": int(sd["outc.weight"].shape[0]), "img_size": int(img_size),
+    c_out = int(sd["outc.weight"].shape[0])
+    spade = sd.get("inc.spade.0.shared.0.weight")
+    # The target is generated in its own channels (c_in == c_out), so extra input channels are a concatenated condition.
+    cond = int(spade.shape[1]) if spade is not None else max(0, int(w.shape[1]) - c_out)
+    cfg = {"c_in": int(w.shape[1]) - (0 if spade is not None else cond), "c_out": c_out, "img_size": int(img_size),
            "base_channels": int(w.shape[0]), "time_dim": int(sd["down1.emb.1.weight"].shape[1]) if
            "down1.emb.1.weight" in sd else 256,
            "num_classes": int(sd["label_emb.weight"].shape[0]) - 1 if "label_emb.weight" in sd else None}
@@ -269,6 +344,8 @@ def infer_config(sd, img_size):
                                      f"which no attn_threshold gives for {img_size}x{img_size} images; "
                                      f"check the image size it was trained at")
     cfg.update(arch=arch, attn_threshold=thr)
+    if cond:
+        cfg.update(cond_channels=cond, cond_mode="spade" if spade is not None else "concat")
     return cfg
 
 
@@ -300,6 +377,8 @@ def _call(cfg):
         args.append(f"arch={cfg['arch']!r}")
     if cfg["attn_threshold"] is not None:
         args.append(f"attn_threshold={cfg['attn_threshold']}")
+    if cfg.get("cond_channels"):
+        args.append(f"cond_channels={cfg['cond_channels']}, cond_mode={cfg['cond_mode']!r}")
     return f"{name}({', '.join(args)})"
 
 
@@ -326,8 +405,13 @@ def checkpoint_mismatch(model, sd, strict=True):
     except CheckpointMismatch as e:
         return str(e)
     have = model.config()
-    have.setdefault("arch", "default")
-    have.setdefault("attn_threshold", None)
+    for cfg in (have, need):
+        cfg.setdefault("arch", "default")
+        cfg.setdefault("attn_threshold", None)
+        cfg.setdefault("cond_channels", 0)
+        cfg.setdefault("cond_mode", "concat")
+    if not need["cond_channels"] and not have["cond_channels"]:
+        need["cond_mode"] = have["cond_mode"]
     diff = [f"{k}={need[k]!r}" for k in need if k != "attn_threshold" and need[k] != have[k]]
     levels = attention_levels(need["arch"], need["attn_threshold"], model.img_size)
     if need["arch"] == have["arch"] and levels != attention_levels(have["arch"], have["attn_threshold"],
@@ -372,11 +456,13 @@ class Diffusion:
     """Gaussian diffusion: q(x_t|x_0) for training, DDPM / DDIM sampling with classifier-free guidance."""
 
     def __init__(self, noise_steps=1000, beta_start=1e-4, beta_end=0.02, img_size=64, device="cuda",
-                 schedule="linear", channels=None):
+                 schedule="linear", channels=None, prediction_type="epsilon"):
         if isinstance(device, str) and device.startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"
+        if prediction_type not in PREDICTION_TYPES:
+            raise UserError(f"--prediction-type {prediction_type!r} is unknown (use {' or '.join(PREDICTION_TYPES)})")
         self.noise_steps, self.img_size, self.device = noise_steps, img_size, torch.device(device)
-        self.schedule, self.channels = schedule, channels
+        self.schedule, self.channels, self.prediction_type = schedule, channels, prediction_type
         self.beta64 = make_betas(schedule, noise_steps, beta_start, beta_end)
         self.alpha_hat64 = torch.cumprod(1.0 - self.beta64, dim=0)
         self.beta = self.beta64.float().to(self.device)
@@ -392,14 +478,26 @@ class Diffusion:
         ah = self.alpha_hat.to(x.device)[t][:, None, None, None]
         return ah.sqrt() * x + (1 - ah).sqrt() * noise, noise
 
+    def training_target(self, x0, noise, t):
+        """What the network learns to output: the noise (epsilon), or v = sqrt(a) eps - sqrt(1 - a) x0
+        (Salimans & Ho 2022), whose x0 estimate sqrt(a) x_t - sqrt(1 - a) v does not amplify the network's
+        errors by 1 / sqrt(a) at large t (epsilon does: a constant error there becomes a brightness shift)."""
+        if self.prediction_type == "epsilon":
+            return noise
+        ah = self.alpha_hat.to(x0.device)[t][:, None, None, None]
+        return ah.sqrt() * noise - (1 - ah).sqrt() * x0
+
     def sample_timesteps(self, n, generator=None, device=None):
         """Uniform training timesteps in [0, noise_steps)."""
         return torch.randint(0, self.noise_steps, (n,), generator=generator, device=device or self.device)
 
     # ---- sampling
-    def _eps(self, model, x, t, labels, cfg_scale, dtype):
-        """Noise prediction, with classifier-free guidance when labels are given and cfg_scale != 1."""
+    def _eps(self, model, x, t, labels, cfg_scale, dtype, cond=None, cond_scale=1.0):
+        """Noise prediction, with classifier-free guidance when labels are given and cfg_scale != 1 (and on the
+        condition when one is given and cond_scale != 1)."""
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        if cond is not None:
+            return self._eps_conditioned(model, x, tt, labels, cfg_scale, dtype, cond, cond_scale)
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
             if labels is None or not getattr(model, "num_classes", None):
                 return model(x, tt).float()
@@ -410,15 +508,44 @@ class Diffusion:
         cond, uncond = out.chunk(2)
         return uncond + cfg_scale * (cond - uncond)
 
+    @staticmethod
+    def _eps_conditioned(model, x, tt, labels, cfg_scale, dtype, cond, cond_scale):
+        """Guidance on an image condition and a class together, one batched forward pass:
+        e = e(0, y) + s_c (e(c, y) - e(0, y)) + (s_y - 1) (e(c, y) - e(c, null)), 0 = the null condition
+        (what condition dropout trains), null = the "no class" token. s_c = 0 is exactly e(0, y)."""
+        classes = getattr(model, "num_classes", None)
+        y = labels if labels is not None and classes else None
+        if classes and y is None:
+            y = torch.full((x.shape[0],), classes, device=x.device, dtype=torch.long)
+        runs = [(y, cond)]
+        if cond_scale != 1:
+            runs.append((y, torch.zeros_like(cond)))
+        if labels is not None and classes and cfg_scale != 1:
+            runs.append((torch.full_like(y, classes), cond))
+        k = len(runs)
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            out = model(torch.cat([x] * k), torch.cat([tt] * k), None if y is None else torch.cat([r[0] for r in runs]),
+                        cond=torch.cat([r[1] for r in runs])).float().chunk(k)
+        full, rest = out[0], list(out[1:])
+        e = full
+        if cond_scale != 1:
+            null_cond = rest.pop(0)
+            e = null_cond + cond_scale * (full - null_cond)
+        if rest:
+            e = e + (cfg_scale - 1) * (full - rest.pop(0))
+        return e
+
     @torch.no_grad()
     def sample(self, model, n, labels=None, cfg_scale=3, sampler="ddpm", steps=None, seeds=None, eta=None,
-               log_time=False, progress=True, autocast_dtype=None, channels_last=False, as_float=False):
+               log_time=False, progress=True, autocast_dtype=None, channels_last=False, as_float=False, cond=None,
+               cond_scale=1.0):
         """Generate n images; returns uint8 (n, C, H, W), or float32 in [0, 1] with as_float (16-bit / NIfTI output).
 
         sampler 'ddpm': ancestral sampling with the posterior variance (eta=1 on a respaced grid);
         sampler 'ddim': deterministic DDIM (eta=0) unless eta is given. steps defaults to all noise steps
         for ddpm and 50 for ddim. seeds: one int per image; image i's noise comes only from seeds[i], so
-        the same seed gives the same image at any batch size."""
+        the same seed gives the same image at any batch size. cond: the encoded condition (n, Cc, H, W) of an
+        image-conditioned model (conditional.encode_condition), guided by cond_scale (1 = none, 0 = ignored)."""
         from tqdm import tqdm
 
         if sampler not in ("ddpm", "ddim"):
@@ -437,6 +564,10 @@ class Diffusion:
             labels = torch.as_tensor(labels, device=device).long().reshape(-1)
             if labels.numel() != n:
                 raise ValueError(f"got {labels.numel()} labels for {n} images")
+        if cond is not None:
+            cond = torch.as_tensor(cond, device=device).float()
+            if cond.shape[0] != n:
+                raise ValueError(f"got {cond.shape[0]} conditions for {n} images")
         gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
         shape = (channels, self.img_size, self.img_size)
 
@@ -451,8 +582,11 @@ class Diffusion:
         x = noise()
         for i, t in enumerate(tqdm(ts, desc=f"{sampler} sampling", disable=not progress, leave=False)):
             xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-            eps = self._eps(model, xin, t, labels, cfg_scale, autocast_dtype).double()
+            c = cond.contiguous(memory_format=torch.channels_last) if channels_last and cond is not None else cond
+            eps = self._eps(model, xin, t, labels, cfg_scale, autocast_dtype, c, cond_scale).double()
             a_t = ah[t]
+            if self.prediction_type == "v_prediction":  # v -> epsilon (linear, so guidance may act on v)
+                eps = (1 - a_t).sqrt() * x.double() + a_t.sqrt() * eps
             a_prev = ah[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), dtype=torch.float64, device=device)
             xd = x.double()
             x0 = ((xd - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)

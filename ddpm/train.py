@@ -26,10 +26,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import conditional as cond_lib
 import medical
 import runtime as rt
+from conditional import PAIRED_TASKS, SR_FILTERS, TASKS
 from dataset import ImageFolderDataset, flip_mask
-from models import Diffusion, UNet, UNet_conditional
+from models import COND_MODES, PREDICTION_TYPES, Diffusion, UNet, UNet_conditional
+from paired import PairedDataset
 from runtime import UserError
 from utils import MODEL_TYPE, save_grid
 
@@ -44,19 +47,27 @@ BASE_SETTINGS = dict(
     sampler="ddpm", sampling_steps=None, cfg_scale=3.0, log_every_steps=50, num_workers=None, device="auto",
     compile=False, channels_last=False, num_classes=None,
     intensity_window="auto", slice_axis="axial", slice_range=None, group_regex=None, window_16bit=False,
+    # image-conditioned tasks (conditional.py): what is generated from what, and how the UNet sees it
+    task="generate", prediction_type=None, cond_mode="concat", num_mask_classes=2, cond_dropout=0.1, mask_ablation=0.0, sr_factor=4,
+    sr_filter="bicubic", images_folder="images", masks_folder="masks", lowres_folder=None, image_prefix="",
+    mask_prefix="", skip_unpaired=False, class_labels_csv=None,
 )
 # Settings that define the network / noise process: a resumed run must keep them.
 ARCH_KEYS = ("image_size", "channels", "base_channels", "time_dim", "noise_steps", "schedule", "beta_start",
-             "beta_end", "num_classes", "conditional")
+             "beta_end", "num_classes", "conditional", "task", "prediction_type", "cond_mode", "num_mask_classes", "sr_factor",
+             "sr_filter")
 # Settings that define the optimisation trajectory: kept from the stored run on resume (a warning says so).
 TRAJECTORY_KEYS = ("batch_size", "learning_rate", "weight_decay", "lr_schedule", "warmup_steps", "grad_clip",
-                   "ema_decay", "ema_start", "cfg_dropout", "random_flip", "seed", "mixed_precision")
+                   "ema_decay", "ema_start", "cfg_dropout", "random_flip", "seed", "mixed_precision", "cond_dropout",
+                   "mask_ablation")
 # How files are read (medical.add_read_flags): a resumed run keeps the stored window (a warning says so).
 READ_KEYS = ("intensity_window", "slice_axis", "slice_range", "group_regex", "window_16bit")
 # Settings a resumed run may change (data location, length, cadences, outputs, speed).
 RESUME_OVERRIDES = ("data_root", "num_epochs", "max_train_steps", "ckpt_every_steps", "ckpt_every_epochs",
                     "sample_every_epochs", "grid_images", "sampler", "sampling_steps", "cfg_scale",
-                    "log_every_steps", "max_minutes", "num_workers", "device", "compile", "channels_last", "work_dir")
+                    "log_every_steps", "max_minutes", "num_workers", "device", "compile", "channels_last", "work_dir",
+                    "images_folder", "masks_folder", "lowres_folder", "image_prefix", "mask_prefix", "skip_unpaired",
+                    "class_labels_csv")
 # Attribute names of the spec's launch() (args.dataset_path, args.epochs, args.lr) and of configs stored
 # before the shared flag vocabulary -> today's names.
 LEGACY_NAMES = {"dataset_path": "data_root", "data_path": "data_root", "epochs": "num_epochs", "lr": "learning_rate",
@@ -117,6 +128,7 @@ def add_train_args(p):
     add("--device", help="auto (default), cpu, cuda")
     add("--compile", action="store_true", default=None, help="torch.compile the UNet")
     add("--channels_last", action="store_true", default=None, help="channels_last memory format")
+    add_task_args(p)
     rt.add_resume_flag(p)
     add("--trust_checkpoint", action="store_true", help="allow loading a pickled (non-plain) checkpoint")
     medical.add_read_flags(p)  # --intensity_window, --slice_axis, --slice_range, --group_regex
@@ -124,6 +136,32 @@ def add_train_args(p):
         if action.dest in READ_KEYS:
             action.default = None
     return p
+
+
+def add_task_args(p):
+    """Flags of the image-conditioned tasks (conditional.py): mask -> image, super-resolution, segmentation."""
+    add = p.add_argument
+    add("--task", choices=list(TASKS), help="generate (default: class folders or --unconditional), masks, "
+        "mask2image, superres, segmentation")
+    add("--prediction_type", choices=list(PREDICTION_TYPES), help="what the UNet predicts: epsilon (default of "
+        "--task generate) or v_prediction (default of the other tasks: stable x0 estimates at large t)")
+    add("--cond_mode", choices=list(COND_MODES), help="how the UNet sees the condition: concat (default) or spade")
+    add("--num_mask_classes", type=int, help="mask labels 0..K-1, 0 = background (default 2: any non-zero is "
+        "foreground)")
+    add("--cond_dropout", type=float, help="probability the condition is replaced by the null one, for guidance "
+        "with --cond-scale at sampling (default 0.1)")
+    add("--mask_ablation", type=float, help="mask2image: probability each label of a mask is removed (default 0)")
+    add("--sr_factor", type=int, help="superres: downsampling factor of the low-res input (default 4)")
+    add("--sr_filter", choices=list(SR_FILTERS), help="superres: antialiased filter making the low-res input "
+        "(default bicubic)")
+    add("--images_folder", help="paired tasks: images under --data-root (default images)")
+    add("--masks_folder", help="paired tasks: masks under --data-root (default masks)")
+    add("--lowres_folder", help="superres: read low-res inputs from this folder under --data-root instead of "
+        "making them")
+    add("--image_prefix", help="stem prefix of the images, e.g. Img_ (pairs Img_001 with seg_001)")
+    add("--mask_prefix", help="stem prefix of the masks, e.g. seg_")
+    add("--skip_unpaired", action="store_true", default=None, help="train on the pairs found, ignore unpaired files")
+    add("--class_labels_csv", help="paired tasks and masks: 'stem,class_name' rows -> class-conditional too")
 
 
 def build_parser():
@@ -152,13 +190,20 @@ def given_settings(args):
 def resolve_config(args, stored=None):
     """Merge flags, defaults and (on resume) the stored config into one plain dict; validate ranges."""
     given = given_settings(args)
+    task = given.get("task") or (stored or {}).get("task") or "generate"
     conditional = not bool(given.get("unconditional", False))
+    if task != "generate":  # the other tasks take class labels from a CSV of stems
+        if given.get("unconditional") and given.get("class_labels_csv"):
+            raise UserError("--unconditional and --class-labels-csv contradict each other; drop one")
+        conditional = bool(given.get("class_labels_csv") or (stored or {}).get("class_labels_csv"))
     cfg = dict(BASE_SETTINGS)
     cfg["conditional"] = conditional
     warnings = []
     if stored is not None:
         stored = {LEGACY_NAMES.get(k, k): v for k, v in stored.items()}
-        if given.get("unconditional") and stored["conditional"]:
+        stored = {**BASE_SETTINGS, **stored}  # runs stored before a setting existed had its default
+        stored["prediction_type"] = stored["prediction_type"] or "epsilon"
+        if given.get("unconditional") and stored["conditional"] and task == "generate":
             raise UserError("--unconditional disagrees with the run being resumed, which is class-conditional")
         for k in ARCH_KEYS:
             if k in given and k != "conditional" and str(given[k]) != str(stored[k]) and \
@@ -175,9 +220,12 @@ def resolve_config(args, stored=None):
         cfg.update({k: v for k, v in given.items() if k in BASE_SETTINGS})
         cfg["conditional"] = conditional
     if not cfg.get("run_name"):
-        cfg["run_name"] = "DDPM_conditional" if conditional else "DDPM_Unconditional"
+        cfg["run_name"] = default_run_name(cfg["task"], conditional)
     if not cfg.get("data_root"):
         raise UserError("--dataset-path is required (a folder of class folders, or of images with --unconditional)")
+    if not cfg.get("prediction_type"):  # older runs: epsilon
+        cfg["prediction_type"] = "epsilon" if cfg["task"] == "generate" or stored is not None else "v_prediction"
+    check_task_settings(cfg)
     checks = [("image_size", cfg["image_size"] >= 8 and cfg["image_size"] % 8 == 0,
                "must be a positive multiple of 8 (the UNet halves it 3 times), e.g. 32, 64, 128"),
               ("num_epochs", cfg["num_epochs"] >= 1, "must be >= 1"),
@@ -211,6 +259,28 @@ def resolve_config(args, stored=None):
     return cfg, warnings
 
 
+def default_run_name(task, conditional):
+    """models/<run_name>/ when --run-name is not given: today's two names, or DDPM_<task>."""
+    if task == "generate":
+        return "DDPM_conditional" if conditional else "DDPM_Unconditional"
+    return f"DDPM_{task}"
+
+
+def check_task_settings(cfg):
+    """Ranges and combinations of the task flags, each a one-line UserError naming the flag."""
+    task, k = cfg["task"], cfg["num_mask_classes"]
+    if not 2 <= k <= 256:
+        raise UserError(f"--num-mask-classes {k} must be between 2 (binary) and 256 (labels 0..255)")
+    if not 0.0 <= cfg["cond_dropout"] < 1.0:
+        raise UserError(f"--cond-dropout {cfg['cond_dropout']} must be in [0, 1)")
+    if not 0.0 <= cfg["mask_ablation"] <= 1.0:
+        raise UserError(f"--mask-ablation {cfg['mask_ablation']} must be in [0, 1]")
+    if cfg["mask_ablation"] and task != "mask2image":
+        raise UserError(f"--mask-ablation applies to --task mask2image (this run is --task {task})")
+    if task == "superres" and (cfg["sr_factor"] < 2 or cfg["image_size"] % cfg["sr_factor"]):
+        raise UserError(f"--sr-factor {cfg['sr_factor']} must be >= 2 and divide --image-size {cfg['image_size']}")
+
+
 def read_options(settings):
     """medical.ReadOptions of the read settings (--intensity-window ...); UserError naming a bad flag."""
     try:
@@ -224,7 +294,8 @@ def prepare_run(args):
     """Check every input before any heavy work or writing -> (cfg, warnings, dataset, stored state, paths)."""
     work_dir = Path(getattr(args, "work_dir", None) or BASE_SETTINGS["work_dir"])
     conditional = not bool(getattr(args, "unconditional", False))
-    run_name = getattr(args, "run_name", None) or ("DDPM_conditional" if conditional else "DDPM_Unconditional")
+    task = getattr(args, "task", None) or "generate"
+    run_name = getattr(args, "run_name", None) or default_run_name(task, conditional)
     run_dir = work_dir / "models" / run_name
     paths = {"run": run_dir, "ckpt": run_dir / "ckpt.pt", "ema": run_dir / "ema_ckpt.pt",
              "state": run_dir / "train_state.pt", "config": run_dir / "config.json",
@@ -247,8 +318,16 @@ def prepare_run(args):
         opts = medical.resume_options(given_read, stored_window) if stored_window else read_options(cfg)
     except ValueError as e:
         raise UserError(f"--resume: {e}") from None
-    dataset = ImageFolderDataset(cfg["data_root"], cfg["image_size"], cfg["channels"], cfg["conditional"],
-                                 cfg["num_classes"], opts, fit=not stored_window)
+    if cfg["task"] == "generate":
+        dataset = ImageFolderDataset(cfg["data_root"], cfg["image_size"], cfg["channels"], cfg["conditional"],
+                                     cfg["num_classes"], opts, fit=not stored_window)
+    else:
+        dataset = PairedDataset(
+            cfg["task"], cfg["data_root"], cfg["image_size"], cfg["channels"], cfg["num_mask_classes"],
+            cfg["images_folder"], cfg["masks_folder"], cfg["lowres_folder"], cfg["image_prefix"], cfg["mask_prefix"],
+            cfg["skip_unpaired"], cfg["sr_factor"], cfg["sr_filter"], cfg["class_labels_csv"],
+            stored["class_names"] if stored is not None else None, opts, fit=not stored_window)
+        warnings += getattr(dataset, "warnings", [])
     if stored is not None and dataset.class_names != stored["class_names"]:
         raise UserError(f"the classes of {cfg['data_root']} ({', '.join(dataset.class_names[:10])}) differ from "
                         f"the run being resumed ({', '.join(stored['class_names'][:10])})")
@@ -297,15 +376,22 @@ class ResumableBatches(torch.utils.data.Sampler):
 
 
 def model_config(cfg, channels, num_classes):
-    """Constructor arguments of the UNet for this run (stored in config.json / train_state.pt)."""
-    return {"c_in": channels, "c_out": channels, "img_size": cfg["image_size"], "time_dim": cfg["time_dim"],
+    """Constructor arguments of the UNet for this run (stored in config.json / train_state.pt).
+
+    `channels` are the image channels; the UNet generates the task's target (conditional.target_channels)."""
+    task, k = cfg.get("task", "generate"), cfg.get("num_mask_classes", 2)
+    target = cond_lib.target_channels(task, k, channels)
+    mcfg = {"c_in": target, "c_out": target, "img_size": cfg["image_size"], "time_dim": cfg["time_dim"],
             "base_channels": cfg["base_channels"], "num_classes": num_classes}
+    if cond_lib.cond_channels(task, k, channels):
+        mcfg.update(cond_channels=cond_lib.cond_channels(task, k, channels), cond_mode=cfg["cond_mode"])
+    return mcfg
 
 
 def run_info(cfg, class_names, step, epoch):
     """The config.json written beside ckpt.pt: what inference needs to rebuild the model."""
     return {"model_type": MODEL_TYPE, "model": model_config(cfg, cfg["channels"], cfg["num_classes"]),
-            "diffusion": {k: cfg[k] for k in ("noise_steps", "schedule", "beta_start", "beta_end")},
+            "diffusion": {k: cfg[k] for k in ("noise_steps", "schedule", "beta_start", "beta_end", "prediction_type")},
             "class_names": class_names, "intensity": cfg.get("intensity"), "step": step, "epoch": epoch,
             "train": cfg}
 
@@ -327,7 +413,7 @@ def build(cfg, dataset, rank, world, device, precision):
     total = min(total, cfg["max_train_steps"]) if cfg["max_train_steps"] else total
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, total))
     diffusion = Diffusion(cfg["noise_steps"], cfg["beta_start"], cfg["beta_end"], cfg["image_size"], device,
-                          cfg["schedule"], cfg["channels"])
+                          cfg["schedule"], cfg["channels"], cfg["prediction_type"])
     return model, ema, opt, sched, rt.grad_scaler(precision, device), diffusion, batches, total
 
 
@@ -372,11 +458,16 @@ def wrap(model, world, local_rank, device, compile_model):
 
 
 def noisy_batch(diffusion, batch, cfg, epoch, rank, step, device):
-    """x_t, t, noise and (dropped-out) labels of one step; randomness is a pure function of (seed, rank, step)."""
-    x, y, idx = batch
+    """x_t, t, noise, (dropped-out) labels and the encoded condition (None for unconditioned tasks) of one step;
+    randomness is a pure function of (seed, rank, step)."""
+    task = cfg["task"]
+    x, c, y, idx = batch if len(batch) == 4 else (batch[0], None, batch[1], batch[2])
     x = x.to(device, non_blocking=True)
-    if cfg["random_flip"]:
-        x = torch.where(flip_mask(idx, cfg["seed"], epoch).to(device)[:, None, None, None], x.flip(3), x)
+    if cfg["random_flip"]:  # the same flip for target and condition: the pair stays aligned
+        flip = flip_mask(idx, cfg["seed"], epoch).to(device)[:, None, None, None]
+        x = torch.where(flip, x.flip(3), x)
+        c = torch.where(flip, c.to(device).flip(3), c.to(device)) if c is not None and c.numel() else c
+    x = cond_lib.encode_target(task, x, cfg["num_mask_classes"])
     if cfg["channels_last"]:
         x = x.contiguous(memory_format=torch.channels_last)
     gen = rt.generator(cfg["seed"], rank, step, device=device)  # exact on resume: no state to carry
@@ -387,8 +478,18 @@ def noisy_batch(diffusion, batch, cfg, epoch, rank, step, device):
         labels = y.to(device, non_blocking=True)
         drop = torch.rand(x.shape[0], generator=gen, device=device) < cfg["cfg_dropout"]
         labels = torch.where(drop, torch.full_like(labels, cfg["num_classes"]), labels)
+    cond = None
+    if task in PAIRED_TASKS:  # drawn after today's draws, so the generate task's numerics are unchanged
+        c = c.to(device, non_blocking=True)
+        if task == "mask2image":
+            c = cond_lib.ablate_masks(c, cfg["mask_ablation"], gen)
+        cond = cond_lib.encode_condition(task, c, cfg["num_mask_classes"])
+        keep = torch.rand(x.shape[0], generator=gen, device=device) >= cfg["cond_dropout"]
+        cond = cond * keep[:, None, None, None].to(cond.dtype)
+        if cfg["channels_last"]:
+            cond = cond.contiguous(memory_format=torch.channels_last)
     x_t, _ = diffusion.noise_images(x, t, noise)
-    return x_t, t, noise, labels
+    return x_t, t, diffusion.training_target(x, noise, t), labels, cond
 
 
 def optimizer_step(loss, model, opt, scaler, sched, grad_clip):
@@ -429,29 +530,65 @@ def save_checkpoint(paths, model, ema, opt, scaler, sched, cfg, class_names, ste
     state = {"model_type": MODEL_TYPE, "format_version": 2, "model": model_sd, "ema": ema_sd,
              "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "lr_scheduler": sched.state_dict(),
              "step": step, "epoch": epoch, "batch_in_epoch": pos, "config": cfg, "class_names": class_names,
+             "model_config": model_config(cfg, cfg["channels"], cfg["num_classes"]),
              "rng": rt.rng_state()}
     rt.atomic_save(state, paths["state"])
     logger.info(f"saved checkpoint at step {step} (epoch {epoch}, batch {pos}) -> {paths['run']}")
     rt.barrier()
 
 
-def sample_grid(diffusion, model, cfg, step, epoch, paths, writer, device, precision, logger):
-    """Sample a grid with the EMA model (fixed seeds) and write it to results/ and TensorBoard (rank 0)."""
-    n = cfg["grid_images"]
+def sample_grid(diffusion, model, cfg, step, epoch, paths, writer, device, precision, logger, dataset=None):
+    """Sample a grid with the EMA model (fixed seeds) and write it to results/ and TensorBoard (rank 0).
+
+    Paired tasks: the first grid_images pairs of the data set, in rows of condition | sample | truth."""
+    n = cfg["grid_images"] if cfg["task"] not in PAIRED_TASKS else min(cfg["grid_images"], len(dataset))
     labels = torch.arange(n, device=device) % cfg["num_classes"] if cfg["conditional"] else None
+    cond, items = None, None
+    if cfg["task"] in PAIRED_TASKS:
+        items = [dataset[i] for i in range(n)]
+        labels = torch.tensor([it[2] for it in items], device=device) if cfg["conditional"] else None
+        cond = cond_lib.encode_condition(cfg["task"], torch.stack([it[1] for it in items]),
+                                         cfg["num_mask_classes"]).to(device)
     imgs = diffusion.sample(model, n, labels=labels, cfg_scale=cfg["cfg_scale"], sampler=cfg["sampler"],
-                            steps=cfg["sampling_steps"], seeds=list(range(n)),
-                            autocast_dtype=rt.autocast_dtype(precision), progress=True)
+                            steps=cfg["sampling_steps"], seeds=list(range(n)), cond=cond,
+                            autocast_dtype=rt.autocast_dtype(precision), progress=True,
+                            as_float=cfg["task"] in cond_lib.MASK_TARGET_TASKS)
+    imgs, nrow = grid_images(cfg, imgs.cpu(), items)
     path = paths["results"] / f"epoch{epoch + 1:04d}_ema.png"
-    grid = save_grid(imgs.cpu(), path, min(cfg["num_classes"], 16) if cfg["conditional"] else None)
+    grid = save_grid(imgs, path, nrow)
     if writer is not None:
         writer.add_image("samples_ema", grid, step)
     t = diffusion.last_timing
     logger.info(f"sample grid -> {path} ({t['images']} images x {t['steps']} steps in {t['seconds']:.1f} s)")
 
 
+def grid_images(cfg, imgs, items):
+    """uint8 tiles of a sample grid and its columns: masks shown as gray levels, pairs as condition | sample | truth."""
+    k, task = cfg["num_mask_classes"], cfg["task"]
+
+    def show(x, is_mask):  # -> uint8 (N, C, H, W) with the image channels
+        if not is_mask:
+            return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        g = (x.float() * (255 // (k - 1))).round().clamp(0, 255).to(torch.uint8)
+        return g.expand(-1, cfg["channels"], -1, -1)
+
+    if task in cond_lib.MASK_TARGET_TASKS:
+        imgs = show(cond_lib.decode_mask(imgs * 2 - 1, k)[:, None], True)
+    if items is None:
+        return imgs, min(cfg["num_classes"], 16) if cfg["conditional"] else None
+    cond = show(torch.stack([it[1] for it in items]), task == "mask2image")
+    truth = show(torch.stack([it[0] for it in items]), task in cond_lib.MASK_TARGET_TASKS)
+    return torch.stack([cond, imgs.expand_as(cond), truth], 1).flatten(0, 1), 3
+
+
 def log_header(logger, cfg, dataset, model, ema, world, device, per_epoch):
     """What runs: data, world size, batch, precision, and the parameter table."""
+    if cfg["task"] != "generate":
+        logger.info(f"task {cfg['task']}" + (f", condition by {cfg['cond_mode']}" if cfg["task"] in PAIRED_TASKS else "")
+                    + (f", {cfg['num_mask_classes']} mask labels" if cfg["task"] != "superres" else
+                       f", x{cfg['sr_factor']} ({cfg['sr_filter']})")
+                    + f", condition dropout {cfg['cond_dropout']:g}" * (cfg["task"] in PAIRED_TASKS)
+                    + f", mask ablation {cfg['mask_ablation']:g}" * bool(cfg["mask_ablation"]))
     logger.info(f"DDPM {'class-conditional' if cfg['conditional'] else 'unconditional'} run '{cfg['run_name']}': "
                 f"{len(dataset)} images, {cfg['image_size']}x{cfg['image_size']}x{cfg['channels']}"
                 + (f", {cfg['num_classes']} classes" if cfg["conditional"] else ""))
@@ -506,10 +643,13 @@ def train(args):
             batches.set_epoch(epoch, skip)
             pos, skip = skip, 0
             for batch in loader:
-                x_t, t, noise, labels = noisy_batch(diffusion, batch, cfg, epoch, rank, step, device)
+                x_t, t, target, labels, cond = noisy_batch(diffusion, batch, cfg, epoch, rank, step, device)
                 with rt.autocast(precision, device):
-                    pred = fwd(x_t, t, labels) if labels is not None else fwd(x_t, t)
-                loss = stop.check_loss(F.mse_loss(pred.float(), noise), step + 1, last_good)
+                    if cond is not None:
+                        pred = fwd(x_t, t, labels, cond)
+                    else:
+                        pred = fwd(x_t, t, labels) if labels is not None else fwd(x_t, t)
+                loss = stop.check_loss(F.mse_loss(pred.float(), target), step + 1, last_good)
                 optimizer_step(loss, model, opt, scaler, sched, cfg["grad_clip"])
                 step, pos = step + 1, pos + 1
                 ema.update(model, step)
@@ -533,7 +673,7 @@ def train(args):
             if (done or (epoch + 1) % cfg["ckpt_every_epochs"] == 0) and last_saved != step:
                 last_saved, last_good = checkpoint(epoch, pos)
             if rank == 0 and cfg["sample_every_epochs"] and (epoch + 1) % cfg["sample_every_epochs"] == 0:
-                sample_grid(diffusion, ema.model, cfg, step, epoch, paths, writer, device, precision, logger)
+                sample_grid(diffusion, ema.model, cfg, step, epoch, paths, writer, device, precision, logger, dataset)
             rt.barrier()
     logger.info(f"training finished: {step} steps, {cfg['num_epochs']} epochs. Checkpoints: {paths['ckpt']}, "
                 f"{paths['ema']} (resume state {paths['state']})")

@@ -21,6 +21,7 @@ COPIES = {
     "imaging.py": ["ddpm", "ldm", "controlnet", "dit", "evaluation"],
     "medical.py": ["ddpm", "ldm", "controlnet", "dit", "evaluation"],
     "writers.py": ["ddpm", "ldm", "controlnet", "dit", "evaluation"],
+    "pairing.py": ["ddpm", "controlnet"],  # image/mask pairing: the folders that train on pairs
 }
 
 
