@@ -37,7 +37,7 @@ import runtime as rt
 import writers
 from metrics import label_dice, label_entropy, majority_mask, psnr, ssim
 from models import Diffusion, count_parameters
-from pairing import dice, otsu_threshold
+from pairing import dice, label_of, otsu_threshold, read_class_labels
 from runtime import UserError
 from utils import MODEL_TYPE, read_json
 
@@ -137,6 +137,7 @@ def settings_of(args, task, wpath, steps):
          "sampler": args.sampler, "steps": steps, "eta": args.eta, "cfg_scale": args.cfg_scale,
          "cond_scale": args.cond_scale, "seed": args.seed, "samples_per_condition": args.samples_per_condition,
          "class_label": args.class_label, "pair_layout": bool(args.pair_layout),
+         "class_labels_csv": str(Path(args.class_labels_csv).resolve()) if args.class_labels_csv else None,
          "condition": str(Path(args.condition or args.ground_truth).resolve())}
     if args.output_format == "png16":
         s["png_bits"] = 16
@@ -154,18 +155,31 @@ def check_settings(out, settings):
             raise UserError(f"{out} holds samples made with other settings ({was}); choose another --output-dir")
 
 
-def resolve_class(args, info):
-    """--class_label NAME -> class index (None: the model's 'no class' token)."""
+def resolve_class(args, info, conds):
+    """--class_label NAME or --class_labels_csv -> the class index of each condition (None: the model's
+    'no class' token), as ControlNet's inference takes them."""
     names, classes = info.get("class_names") or [], info["model"].get("num_classes")
     if args.class_labels:
-        raise UserError("--class-labels is for generate / masks checkpoints; give one --class_label NAME")
-    if args.class_label is None:
-        return None
+        raise UserError("--class-labels is for generate / masks checkpoints; give one --class_label NAME "
+                        "(or --class_labels_csv)")
+    if args.class_label is None and not args.class_labels_csv:
+        return [None] * len(conds)
+    given = "--class_label" if args.class_label is not None else "--class_labels_csv"
+    if args.class_label is not None and args.class_labels_csv:
+        raise UserError("--class_label and --class_labels_csv: give one of them")
     if not classes:
-        raise UserError(f"--class_label {args.class_label}: {args.ckpt} was trained without class labels; drop it")
-    if args.class_label not in names:
-        raise UserError(f"--class_label '{args.class_label}' is not a class of {args.ckpt}; valid: {', '.join(names)}")
-    return names.index(args.class_label)
+        raise UserError(f"{given}: {args.ckpt} was trained without class labels; drop it")
+    if args.class_label is not None:
+        if args.class_label not in names:
+            raise UserError(f"--class_label '{args.class_label}' is not a class of {args.ckpt}; valid: {', '.join(names)}")
+        return [names.index(args.class_label)] * len(conds)
+    by_stem = read_class_labels(args.class_labels_csv, names, whose="the checkpoint's")
+    labels = [label_of(c, by_stem) for c in conds]
+    missing = [c.name for c, lab in zip(conds, labels) if lab is None]
+    if missing:
+        raise UserError(f"--class_labels_csv {args.class_labels_csv} has no row for {len(missing)} condition(s): "
+                        f"{', '.join(missing[:5])}{', ...' * (len(missing) > 5)}")
+    return labels
 
 
 def validate(args, task):
@@ -237,7 +251,13 @@ def sample_conditional(args, model, info, wpath):
     """Validate, sample every condition's N images over all ranks, write the reports; returns the output folder."""
     task, d = info["train"]["task"], info["diffusion"]
     validate(args, task)
-    inputs, label = Inputs(args, info), resolve_class(args, info)
+    inputs = Inputs(args, info)
+    labels = resolve_class(args, info, inputs.conds)
+    names = info.get("class_names") or []
+
+    def cls_of(i):  # "_<class>" in the names of condition i's outputs
+        return "" if labels[i] is None else f"_{names[labels[i]]}"
+
     steps = args.sampling_steps or (d["noise_steps"] if args.sampler == "ddpm" else min(50, d["noise_steps"]))
     if not 1 <= steps <= d["noise_steps"]:
         raise UserError(f"--sampling-steps {steps} must be between 1 and the model's {d['noise_steps']} noise steps")
@@ -249,7 +269,7 @@ def sample_conditional(args, model, info, wpath):
         inputs.condition(i)
         if inputs.gt is not None:
             inputs.truth_of(i)
-    cls = "" if label is None else f"_{args.class_label}"
+    cls = f"_{args.class_label}" if args.class_label else "_classes" if args.class_labels_csv else ""
     out, tag = output_folder(args, task, wpath, steps, cls)
     inside = [f for f in (args.condition, args.ground_truth) if f and Path(f).is_dir() and
               out.resolve().is_relative_to(Path(f).resolve())]
@@ -276,7 +296,7 @@ def sample_conditional(args, model, info, wpath):
 
     def name(i, j):  # the output of sample j of condition i (seed, condition stem, class)
         stem = inputs.conds[i].stem
-        return f"images/{stem}.png" if args.pair_layout else f"{stem}{cls}_seed{args.seed + i * n_per + j}.png"
+        return f"images/{stem}.png" if args.pair_layout else f"{stem}{cls_of(i)}_seed{args.seed + i * n_per + j}.png"
 
     def path(i, j):
         return out / name(i, j) if task == "segmentation" else writers.output_path(out / name(i, j), args.output_format)
@@ -285,7 +305,7 @@ def sample_conditional(args, model, info, wpath):
     jobs = [(i, j) for i in mine for j in range(n_per)]
     todo = [job for job in jobs if not path(*job).exists()]
     start = time.perf_counter()
-    written = sample_jobs(args, diffusion, model, inputs, todo, path, label, steps, amp, window, tag, rank, device)
+    written = sample_jobs(args, diffusion, model, inputs, todo, path, labels, steps, amp, window, tag, rank, device)
     counts = torch.tensor([written, len(jobs) - len(todo)], dtype=torch.float64)
     if rt.is_dist():
         torch.distributed.all_reduce(counts)
@@ -294,7 +314,8 @@ def sample_conditional(args, model, info, wpath):
                 + rt.timing_summary(int(counts[0]), steps, time.perf_counter() - start))
     rows = {"dice": [], "sr": [], "seg": []}
     for i in mine:  # reports from the files on disk: complete after a rerun that only skipped
-        report(args, inputs, i, [path(i, j) for j in range(n_per)], [name(i, j) for j in range(n_per)], out, rows)
+        report(args, inputs, i, [path(i, j) for j in range(n_per)], [name(i, j) for j in range(n_per)], out, rows,
+               cls_of(i))
     rows = {key: gather(r) for key, r in rows.items()}
     if rank == 0:
         summarise(rows, out, logger)
@@ -306,7 +327,7 @@ def sample_conditional(args, model, info, wpath):
     return out
 
 
-def sample_jobs(args, diffusion, model, inputs, todo, path, label, steps, amp, window, tag, rank, device):
+def sample_jobs(args, diffusion, model, inputs, todo, path, labels, steps, amp, window, tag, rank, device):
     """Sample the (condition, sample) jobs in batches and write each file once; returns how many were written."""
     from tqdm import tqdm
 
@@ -314,7 +335,7 @@ def sample_jobs(args, diffusion, model, inputs, todo, path, label, steps, amp, w
     for b in tqdm(range(0, len(todo), args.batch_size), desc="batches", disable=rank != 0 or not todo):
         chunk = todo[b:b + args.batch_size]
         enc = {i: cd.encode_condition(task, inputs.condition(i)[None], k)[0] for i in {i for i, _ in chunk}}
-        y = None if label is None else torch.full((len(chunk),), label, device=device)
+        y = None if labels[0] is None else torch.tensor([labels[i] for i, _ in chunk], device=device)
         x = diffusion.sample(model, len(chunk), labels=y, cfg_scale=args.cfg_scale, sampler=args.sampler, steps=steps,
                              seeds=[args.seed + i * n_per + j for i, j in chunk], eta=args.eta, progress=False,
                              autocast_dtype=amp, channels_last=args.channels_last, as_float=True,
@@ -337,7 +358,7 @@ def read_back(path, inputs):
     return read_image(path, inputs.channels, None, "sample")
 
 
-def report(args, inputs, i, paths, names, out, rows):
+def report(args, inputs, i, paths, names, out, rows, cls=""):
     """Comparisons, pair masks, mean / uncertainty maps and the metric rows of condition i."""
     task, k, src = inputs.task, inputs.k, inputs.conds[i]
     raw, samples = inputs.condition(i), [read_back(p, inputs) for p in paths]
@@ -358,7 +379,7 @@ def report(args, inputs, i, paths, names, out, rows):
         for j, (p, n) in enumerate(zip(paths, names)):
             thr, d = otsu_dice(p, raw[0].numpy() > 0, args)
             rows["dice"].append({"_i": (i, j), "image": n, "mask": str(src), "seed": seeds[j],
-                                 "class": args.class_label or "", "threshold": thr, "dice": d})
+                                 "class": cls[1:], "threshold": thr, "dice": d})
     if task == "superres" and truth is not None:
         base = (raw + 1) / 2  # the condition is the bicubic upsampling of the low-res input
         rows["sr"] += [{"_i": (i, -1), **row, "method": "bicubic", "image": "", "seed": "", "psnr": psnr(base, truth),
@@ -367,7 +388,7 @@ def report(args, inputs, i, paths, names, out, rows):
                         "ssim": ssim(s, truth)} for j, (s, n) in enumerate(zip(samples, names))]
     if task == "segmentation":
         votes = torch.stack(samples)
-        mean_mask, stem = majority_mask(votes, k), f"{src.stem}{'_' + args.class_label if args.class_label else ''}"
+        mean_mask, stem = majority_mask(votes, k), f"{src.stem}{cls}"
         rt.save_png_once(Image.fromarray(cd.mask_png(mean_mask, k)), out / f"{stem}_mean.png")
         unc = (label_entropy(votes, k) * 255).round().to(torch.uint8).numpy()
         rt.save_png_once(Image.fromarray(unc), out / f"{stem}_uncertainty.png")

@@ -75,11 +75,13 @@ def add_sample_args(p):
     add("dice-threshold", default="otsu", help="'otsu' or a grey level in [0, 1] for the image foreground")
     add("dice-foreground", default="bright", choices=("bright", "dark"), help="which side of the threshold")
     add("class-label", help="class name for every condition (models trained with classes and conditions)")
+    add("class-labels-csv", help="CSV of 'stem,class_name' rows: the class of each condition")
     add("pair-layout", action="store_true", help="mask2image: write images/ + masks/ + pairs.csv (synthetic pairs)")
     return p
 
 
-COND_FLAGS = ("condition", "ground_truth", "save_comparison", "report_dice", "class_label", "pair_layout")
+COND_FLAGS = ("condition", "ground_truth", "save_comparison", "report_dice", "class_label", "class_labels_csv",
+              "pair_layout")
 
 
 def build_parser():

@@ -10,7 +10,9 @@
 # held-out ones: at most 1% of them would be flagged), and train-synthetic-test-real accuracy next to the same
 # classifier trained on the real training digits. One trust report (Markdown + JSON + gallery) per model, one
 # table, one overview image. Reference row: the training digits themselves, evaluated as if generated (every
-# image is a copy: the audit must say so). ControlNet also gets a segmentation TSTR on its image/mask pairs.
+# image is a copy: the audit must say so). Each mask-guided model (ControlNet, the pixel mask -> image DDPMs) also
+# gets a segmentation TSTR on its image/mask pairs and its mean mask Dice; the pixel DDPM super-resolution and
+# segmentation results (OUT/ddpm_tasks) are printed under the table.
 # Standard FID (InceptionV3) is added only when pytorch-fid's weight file is already on this machine
 # ($FID_INCEPTION_WEIGHTS or torch hub's checkpoints folder): nothing is downloaded.
 set -euo pipefail
@@ -65,11 +67,21 @@ for samples in "$OUT"/*/samples; do
 done
 [ ${#MODELS[@]} -gt 0 ] || echo "[evaluation] no OUT/<model>/samples folders yet: only the reference row is shown"
 SEG=()
-if [ -d "$OUT/controlnet/pairs/images" ]; then
-  echo "[evaluation] controlnet: segmenter trained on its image/mask pairs, tested on the held-out pairs"
-  "${SMALL[@]}" --real "$DATA/heldout/pairs" --train_dir "$DATA/pairs" --gen "$OUT/controlnet/pairs" \
-    --metrics memorization --audit_size 32 --tstr --json "$EVAL/controlnet_pairs.json" && SEG=(--segmentation "controlnet=$EVAL/controlnet_pairs.json")
-fi
+EXTRA=()
+for pairs in "$OUT"/*/pairs; do  # the mask-guided models (ControlNet, pixel mask -> image DDPM)
+  [ -d "$pairs/images" ] || continue
+  model=$(basename "$(dirname "$pairs")")
+  echo "[evaluation] $model: segmenter trained on its image/mask pairs, tested on the held-out pairs"
+  "${SMALL[@]}" --real "$DATA/heldout/pairs" --train_dir "$DATA/pairs" --gen "$pairs" \
+    --metrics memorization --audit_size 32 --tstr --json "$EVAL/${model}_pairs.json" && SEG+=("$model=$EVAL/${model}_pairs.json")
+  dice=$(find "$OUT/$model/generated" -name dice.csv 2>/dev/null | head -n 1)
+  [ -z "$dice" ] || EXTRA+=(--dice "$model=$dice")
+done
+[ ${#SEG[@]} -eq 0 ] || SEG=(--segmentation "${SEG[@]}")
+for f in superres/sr_metrics.csv segmentation/seg_metrics.csv; do
+  [ -f "$OUT/ddpm_tasks/$f" ] || continue
+  case "$f" in superres/*) EXTRA+=(--superres "$OUT/ddpm_tasks/$f") ;; *) EXTRA+=(--seg_metrics "$OUT/ddpm_tasks/$f") ;; esac
+done
 
 echo
 echo "Demo evaluation against the held-out digits (FD/precision/recall on the demo digit CNN's features with 95%"
@@ -77,9 +89,9 @@ echo "bootstrap intervals, class accuracy by its classifier, copy rate of the me
 echo "training digits, TSTR: the CNN trained on the samples and tested on the held-out digits; floor: two halves of"
 echo "the held-out digits compared with each other):"
 if [ ${#INC_ROWS[@]} -gt 0 ]; then
-  python demo_table.py "${ROWS[@]}" --inception "${INC_ROWS[@]}" ${SEG[@]+"${SEG[@]}"}
+  python demo_table.py "${ROWS[@]}" --inception "${INC_ROWS[@]}" ${SEG[@]+"${SEG[@]}"} ${EXTRA[@]+"${EXTRA[@]}"}
 else
-  python demo_table.py "${ROWS[@]}" ${SEG[@]+"${SEG[@]}"}
+  python demo_table.py "${ROWS[@]}" ${SEG[@]+"${SEG[@]}"} ${EXTRA[@]+"${EXTRA[@]}"}
   echo "Note: standard FID (InceptionV3) left out: pt_inception-2015-12-05-6726825d.pth is not on this machine"
   echo "      (set FID_INCEPTION_WEIGHTS=/path/to/it, or put it in $HUB/checkpoints/, to add the column)."
 fi

@@ -191,6 +191,26 @@ def test_mask2image_names_seeds_rerun_and_dice(runs, tmp_path, capsys):
     assert "holds samples made with other settings (cond_scale=1.0)" in msg
 
 
+def test_class_per_condition_from_a_csv(runs, tmp_path, capsys):
+    conds = tmp_path / "conds"
+    conds.mkdir()
+    for name, (r, c) in (("m0", (1, 1)), ("m1", (8, 4))):
+        Image.fromarray(square_mask(r, c)).save(conds / f"{name}.png")
+    (tmp_path / "cls.csv").write_text("stem,class_name\nm0,a\nm1,b\n")
+    common = ["--ckpt", runs["mask2image"], "--condition", conds, "--seed", "3", *FAST]
+    sample([*common, "--class-labels-csv", tmp_path / "cls.csv", "--output-dir", tmp_path / "csv"], capsys)
+    assert sorted(p.name for p in (tmp_path / "csv").glob("*.png")) == ["m0_a_seed3.png", "m1_b_seed4.png"]
+    # each condition gets its own class: the same as asking for that class alone
+    sample([*common, "--class-label", "b", "--output-dir", tmp_path / "b"], capsys)
+    same = png(tmp_path / "csv" / "m1_b_seed4.png").astype(int) - png(tmp_path / "b" / "m1_b_seed4.png")
+    other = png(tmp_path / "csv" / "m0_a_seed3.png").astype(int) - png(tmp_path / "b" / "m0_b_seed3.png")
+    assert np.abs(same).max() <= 1 and np.abs(other).max() > 1
+    (tmp_path / "part.csv").write_text("m0,a\n")
+    msg = run_main_expect(inference.main, [str(a) for a in common] + ["--class-labels-csv", str(tmp_path / "part.csv"),
+                                                                      "--output-dir", str(tmp_path / "x")], capsys)
+    assert "has no row for 1 condition(s): m1.png" in msg
+
+
 def test_pair_layout_writes_a_paired_data_set(runs, tmp_path, capsys):
     out = tmp_path / "pairs"
     sample(["--ckpt", runs["mask2image"], "--condition", runs["data"] / "masks", "--pair-layout", "--seed", "3",

@@ -6,7 +6,7 @@
 # DATA is the folder written by scripts/make_demo_data.py (pairs in DATA/pairs/images|masks, class folders in
 # DATA/digits/digit_k), LDM_CHECKPOINT the demo LDM (OUT/ldm/checkpoints/checkpoint_best.pt). Trains a
 # ControlNet on the training image/mask pairs, conditioned on the digit class too, then generates 2 images for
-# each of ten held-out masks per digit, writes mask | generated comparisons and a Dice report under
+# each of the ten held-out masks per digit in DATA/heldout/demo_masks (classes from DATA/labels.csv), writes mask | generated comparisons and a Dice report under
 # OUT/generated, and links the images by class into OUT/samples/<class_name>/ and as image/mask pairs into
 # OUT/pairs/images|masks for the evaluation stage.
 set -euo pipefail
@@ -20,26 +20,6 @@ OUT="$(cd "$2" && pwd)"
 LDM="$(cd "$(dirname "$3")" && pwd)/$(basename "$3")"
 cd "$(dirname "$0")/.."
 
-# The pairs share file names with the class folders: write stem -> class name (training and held-out digits),
-# and pick ten held-out masks per digit for generation (masks the ControlNet never saw in training).
-python - "$DATA" "$OUT" <<'PY'
-import shutil, sys
-from pathlib import Path
-data, out = Path(sys.argv[1]), Path(sys.argv[2])
-rows, chosen = ["stem,class_name"], []
-for part in (data, data / "heldout"):
-    for folder in sorted((part / "digits").iterdir()):
-        for i, f in enumerate(sorted(folder.glob("*.png"))):
-            rows.append(f"{f.stem},{folder.name}")
-            if part != data and i < 10:
-                chosen.append(f.name)
-(out / "labels.csv").write_text("\n".join(rows) + "\n")
-masks = out / "masks"
-masks.mkdir(exist_ok=True)
-for name in chosen:
-    shutil.copy(data / "heldout" / "pairs" / "masks" / name, masks / name)
-PY
-
 # --resume when the run exists: a rerun into the same OUT continues it (or finds it finished).
 # --no_random_flip: mirrored digits are not digits. --max_minutes bounds the stage on slow machines.
 RESUME=()
@@ -49,7 +29,7 @@ python train.py \
     --images_folder images \
     --masks_folder masks \
     --ldm_checkpoint "$LDM" \
-    --class_labels_csv "$OUT/labels.csv" \
+    --class_labels_csv "$DATA/labels.csv" \
     --output_dir "$OUT/checkpoints" \
     --batch_size 32 \
     --num_epochs 100 \
@@ -69,8 +49,8 @@ python train.py \
 python inference.py \
     --checkpoint "$OUT/checkpoints/checkpoint_best.pt" \
     --ldm_checkpoint "$LDM" \
-    --mask_folder "$OUT/masks" \
-    --class_labels_csv "$OUT/labels.csv" \
+    --mask_folder "$DATA/heldout/demo_masks" \
+    --class_labels_csv "$DATA/labels.csv" \
     --output_dir "$OUT/generated" \
     --num_images 2 \
     --scheduler dpmsolver \
@@ -82,20 +62,8 @@ python inference.py \
 
 # Class folders of the generated images (hard links) for the evaluation stage's table, and synthetic image/mask
 # pairs (each image with the mask it was generated from) for its segmentation TSTR.
-python - "$OUT" <<'PY'
-import csv, os, shutil, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-label = {r["stem"]: r["class_name"] for r in csv.DictReader(open(out / "labels.csv"))}
-for f in sorted(out.glob("generated/*/*.png")):
-    stem = f.name.split("_")[0]
-    if stem in label and (out / "masks" / f"{stem}.png").is_file():
-        for dest, src in ((out / "samples" / label[stem] / f.name, f), (out / "pairs" / "images" / f.name, f),
-                          (out / "pairs" / "masks" / f.name, None)):
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if not dest.exists():
-                os.link(f, dest) if src is not None else shutil.copy(out / "masks" / f"{stem}.png", dest)
-PY
+python ../scripts/demo_link_samples.py "$OUT/generated" "$OUT" --labels "$DATA/labels.csv" \
+    --masks "$DATA/heldout/demo_masks"
 
 echo "ControlNet demo: checkpoints in $OUT/checkpoints, training grids (mask | sample | ground truth) in" \
      "$OUT/checkpoints/samples, generated images and comparisons (mask | generated) under $OUT/generated, by class in" \
