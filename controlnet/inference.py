@@ -24,10 +24,10 @@ from PIL import Image
 import medical
 import writers
 from dataset import check_mask_mode, load_mask, read_class_labels, verify_file
-from imaging import ALL_EXTENSIONS, decode_image, is_image_file
+from imaging import ALL_EXTENSIONS, is_image_file
 from models import (SCHEDULERS, ClassEmbedder, ControlledUNet, DummyEncoder, UserError, check_same_ldm, decode,
                     initial_latents, load_flagged_checkpoint, load_ldm, make_sampler, sample)
-from pairing import dice, expand_sources, label_of, list_images, otsu_threshold
+from pairing import check_dice_threshold, expand_sources, image_dice, label_of, list_images
 from runtime import (FlagParser, atomic_write_text, autocast, autocast_dtype, pick_device, resolve_precision,
                      run_main, save_png_once, setup_cuda_speedups, timing_summary)
 from diffusers import ControlNetModel
@@ -73,12 +73,7 @@ def parse_args(argv=None):
                      ("cfg_scale", args.cfg_scale >= 0)):
         if not ok:
             raise UserError(f"--{flag} is out of range: {getattr(args, flag)}")
-    if args.dice_threshold != "otsu":
-        try:
-            if not 0 <= float(args.dice_threshold) <= 1:
-                raise ValueError
-        except ValueError:
-            raise UserError(f"--dice_threshold must be 'otsu' or a number in [0, 1], got {args.dice_threshold}")
+    check_dice_threshold(args.dice_threshold)
     return args
 
 
@@ -264,14 +259,8 @@ def report_dice(args, jobs, masks, mc, size, out, class_names, per_mask, target=
     rows = []
     for mi, seed, name in jobs:
         path = out / name if target is None else target(name)
-        if path.suffix.lower() == ".png" and args.output_format == "png":
-            gray = np.asarray(Image.open(path).convert("L"))
-        else:  # png16 / NIfTI / DICOM: back to [0, 1] through the file's own window, then 8-bit levels
-            gray = np.round(decode_image(path, 1)[0].numpy() * 255).astype(np.uint8)
-        thr = otsu_threshold(gray) if args.dice_threshold == "otsu" else round(float(args.dice_threshold) * 255)
-        img_fg = gray > thr if args.dice_foreground == "bright" else gray <= thr
         mask_fg = (load_mask(masks[mi], mc, size, opts) > 0).any(0).numpy()
-        d = dice(mask_fg, img_fg)
+        thr, d = image_dice(path, mask_fg, args.dice_threshold, args.dice_foreground, args.output_format == "png")
         cls = "" if per_mask[mi] is None else class_names[per_mask[mi]]
         rows.append({"image": name, "mask": str(masks[mi]), "seed": seed, "class": cls, "threshold": thr,
                      "dice": f"{d:.4f}"})

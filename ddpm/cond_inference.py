@@ -37,7 +37,7 @@ import runtime as rt
 import writers
 from metrics import label_dice, label_entropy, majority_mask, psnr, ssim
 from models import Diffusion, count_parameters
-from pairing import dice, label_of, otsu_threshold, read_class_labels
+from pairing import check_dice_threshold, image_dice, label_of, read_class_labels
 from runtime import UserError
 from utils import MODEL_TYPE, read_json
 
@@ -196,13 +196,7 @@ def validate(args, task):
                         "--samples_per_condition 1")
     if task == "segmentation" and args.output_format != "png":
         raise UserError(f"--output_format {args.output_format}: masks are written as label PNGs; drop the flag")
-    if args.dice_threshold != "otsu":
-        try:
-            if not 0 <= float(args.dice_threshold) <= 1:
-                raise ValueError
-        except ValueError:
-            raise UserError(f"--dice_threshold must be 'otsu' or a number in [0, 1], got {args.dice_threshold}") \
-                from None
+    check_dice_threshold(args.dice_threshold)
 
 
 def comparison(parts):
@@ -377,7 +371,8 @@ def report(args, inputs, i, paths, names, out, rows, cls=""):
             rt.save_png_once(Image.fromarray(comparison([shown, *parts])), out / "comparisons" / Path(n).name)
     if task == "mask2image" and args.report_dice:
         for j, (p, n) in enumerate(zip(paths, names)):
-            thr, d = otsu_dice(p, raw[0].numpy() > 0, args)
+            thr, d = image_dice(p, raw[0].numpy() > 0, args.dice_threshold, args.dice_foreground,
+                                args.output_format == "png")
             rows["dice"].append({"_i": (i, j), "image": n, "mask": str(src), "seed": seeds[j],
                                  "class": cls[1:], "threshold": thr, "dice": d})
     if task == "superres" and truth is not None:
@@ -397,16 +392,6 @@ def report(args, inputs, i, paths, names, out, rows, cls=""):
             rows["seg"].append({"_i": (i, 0), **row, "samples": len(samples),
                                 "dice_mean_mask": label_dice(mean_mask.numpy(), truth[0].numpy(), k),
                                 "dice_samples_mean": float(np.mean(per)), "dice_samples_best": max(per)})
-
-
-def otsu_dice(path, mask_fg, args):
-    """ControlNet's --report_dice: (threshold, Dice of the mask's foreground and the thresholded image)."""
-    if args.output_format == "png":
-        gray = np.asarray(Image.open(path).convert("L"))
-    else:  # png16 / NIfTI / DICOM: [0, 1] through the file's own window, then 8-bit levels
-        gray = np.round(imaging.decode_image(path, 1)[0].numpy() * 255).astype(np.uint8)
-    thr = otsu_threshold(gray) if args.dice_threshold == "otsu" else round(float(args.dice_threshold) * 255)
-    return thr, dice(mask_fg, gray > thr if args.dice_foreground == "bright" else gray <= thr)
 
 
 def summarise(rows, out, logger):

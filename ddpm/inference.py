@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+import cond_inference
 import conditional
 import writers
 import runtime as rt
@@ -249,7 +250,6 @@ def sample(args):
                         f"{m['img_size']}x{m['img_size']} images")
     task = task_of(info)
     if task in conditional.PAIRED_TASKS:
-        import cond_inference  # only conditional checkpoints need it
         return cond_inference.sample_conditional(args, model, info, wpath)
     given = [f"--{k.replace('_', '-')}" for k in COND_FLAGS if getattr(args, k)]
     given += [f"--{k.replace('_', '-')}" for k, v in (("samples_per_condition", 1), ("cond_scale", 1.0))

@@ -7,7 +7,7 @@
 #   bash scripts/synthetic_pairs.sh DATA OUT [N]        # N pairs (default 1000)
 #
 # OUT/images/<stem>.png + OUT/masks/<stem>.png (ControlNet's layout: train a segmenter on it, or evaluate it with
-# evaluation/precision_recall.py --tstr), OUT/pairs.csv (stem, seed of the mask, seed of the image). Runs go to
+# evaluation/precision_recall.py --tstr), OUT/pairs.csv (stem = the mask's name with its seed, the image's seed). Runs go to
 # models/pairs_masks/ and models/pairs_mask2image/; rerunning continues them (--resume) and completes missing
 # pairs. Settings of each training: MASK_FLAGS="..." / IMAGE_FLAGS="..." (e.g. "--image-size 128 --num-epochs 500").
 set -euo pipefail

@@ -21,9 +21,10 @@ import csv
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 import medical
-from imaging import ALL_EXTENSIONS, ImageError, Source
+from imaging import ALL_EXTENSIONS, ImageError, Source, decode_image
 from imaging import list_images as _list_image_files
 from runtime import UserError
 
@@ -179,3 +180,25 @@ def dice(mask_fg, image_fg):
     """Dice overlap of two boolean arrays (1.0 when both are empty)."""
     a, b = mask_fg.sum(), image_fg.sum()
     return 1.0 if a + b == 0 else float(2 * np.logical_and(mask_fg, image_fg).sum() / (a + b))
+
+
+def check_dice_threshold(value):
+    """--dice_threshold: 'otsu' or a grey level in [0, 1]; UserError otherwise."""
+    if value != "otsu":
+        try:
+            if not 0 <= float(value) <= 1:
+                raise ValueError
+        except ValueError:
+            raise UserError(f"--dice_threshold must be 'otsu' or a number in [0, 1], got {value}") from None
+
+
+def image_dice(path, mask_fg, threshold="otsu", foreground="bright", png8=True):
+    """The mask reports' Dice: (threshold, Dice of a mask's foreground and the generated image `path` cut at
+    Otsu's threshold (or at the grey level `threshold` in [0, 1]); foreground 'bright' (> threshold) or 'dark').
+    png8: the file is an 8-bit PNG (--output_format png); else it is read through its own window."""
+    if png8 and Path(path).suffix.lower() == ".png":
+        gray = np.asarray(Image.open(path).convert("L"))
+    else:  # png16 / NIfTI / DICOM: [0, 1] through the file's own window, then 8-bit levels
+        gray = np.round(decode_image(path, 1)[0].numpy() * 255).astype(np.uint8)
+    thr = otsu_threshold(gray) if threshold == "otsu" else round(float(threshold) * 255)
+    return thr, dice(mask_fg, gray > thr if foreground == "bright" else gray <= thr)
