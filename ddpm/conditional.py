@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import imaging
+import models
 from imaging import ImageError
 from runtime import UserError
 
@@ -154,3 +155,80 @@ def read_label_map(src, num_mask_classes, opts=None):
                         f"labels must be 0..{num_mask_classes - 1} (0 = background); pass --num_mask_classes "
                         f"{int(arr.max()) + 1} or relabel the masks")
     return torch.from_numpy(arr[:, :, 0].copy())[None]
+
+
+# ---------------------------------------------------------------- what train.py takes from here
+def add_task_args(p):
+    """Flags of the image-conditioned tasks (conditional.py): mask -> image, super-resolution, segmentation."""
+    add = p.add_argument
+    add("--task", choices=list(TASKS), help="generate (default: class folders or --unconditional), masks, "
+        "mask2image, superres, segmentation")
+    add("--prediction_type", choices=list(models.PREDICTION_TYPES), help="what the UNet predicts: epsilon (default of "
+        "--task generate) or v_prediction (default of the other tasks: stable x0 estimates at large t)")
+    add("--cond_mode", choices=list(models.COND_MODES),
+        help="how the UNet sees the condition: concat (default) or spade")
+    add("--num_mask_classes", type=int, help="mask labels 0..K-1, 0 = background (default 2: any non-zero is "
+        "foreground)")
+    add("--cond_dropout", type=float, help="probability the condition is replaced by the null one, for guidance "
+        "with --cond-scale at sampling (default 0.1)")
+    add("--mask_ablation", type=float, help="mask2image: probability each label of a mask is removed (default 0)")
+    add("--sr_factor", type=int, help="superres: downsampling factor of the low-res input (default 4)")
+    add("--sr_filter", choices=list(SR_FILTERS), help="superres: antialiased filter making the low-res input "
+        "(default bicubic)")
+    add("--images_folder", help="paired tasks: images under --data-root (default images)")
+    add("--masks_folder", help="paired tasks: masks under --data-root (default masks)")
+    add("--lowres_folder", help="superres: read low-res inputs from this folder under --data-root instead of "
+        "making them")
+    add("--image_prefix", help="stem prefix of the images, e.g. Img_ (pairs Img_001 with seg_001)")
+    add("--mask_prefix", help="stem prefix of the masks, e.g. seg_")
+    add("--skip_unpaired", action="store_true", default=None, help="train on the pairs found, ignore unpaired files")
+    add("--class_labels_csv", help="paired tasks and masks: 'stem,class_name' rows -> class-conditional too")
+
+
+def check_task_settings(cfg):
+    """Ranges and combinations of the task flags, each a one-line UserError naming the flag."""
+    task, k = cfg["task"], cfg["num_mask_classes"]
+    if not 2 <= k <= 256:
+        raise UserError(f"--num-mask-classes {k} must be between 2 (binary) and 256 (labels 0..255)")
+    if not 0.0 <= cfg["cond_dropout"] < 1.0:
+        raise UserError(f"--cond-dropout {cfg['cond_dropout']} must be in [0, 1)")
+    if not 0.0 <= cfg["mask_ablation"] <= 1.0:
+        raise UserError(f"--mask-ablation {cfg['mask_ablation']} must be in [0, 1]")
+    if cfg["mask_ablation"] and task != "mask2image":
+        raise UserError(f"--mask-ablation applies to --task mask2image (this run is --task {task})")
+    if task == "superres" and (cfg["sr_factor"] < 2 or cfg["image_size"] % cfg["sr_factor"]):
+        raise UserError(f"--sr-factor {cfg['sr_factor']} must be >= 2 and divide --image-size {cfg['image_size']}")
+
+
+def grid_images(cfg, imgs, items):
+    """uint8 tiles of a sample grid and its columns: masks shown as gray levels, pairs as condition | sample | truth."""
+    k, task = cfg["num_mask_classes"], cfg["task"]
+
+    def show(x, is_mask):  # -> uint8 (N, C, H, W) with the image channels
+        if not is_mask:
+            return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        g = (x.float() * (255 // (k - 1))).round().clamp(0, 255).to(torch.uint8)
+        return g.expand(-1, cfg["channels"], -1, -1)
+
+    if task in MASK_TARGET_TASKS:
+        imgs = show(decode_mask(imgs * 2 - 1, k)[:, None], True)
+    if items is None:
+        return imgs, min(cfg["num_classes"], 16) if cfg["conditional"] else None
+    cond = show(torch.stack([it[1] for it in items]), task == "mask2image")
+    truth = show(torch.stack([it[0] for it in items]), task in MASK_TARGET_TASKS)
+    return torch.stack([cond, imgs.expand_as(cond), truth], 1).flatten(0, 1), 3
+
+
+def describe_task(cfg):
+    """The start-up line that says what a run learns: task, objective, condition mode and its settings."""
+    task = cfg["task"]
+    parts = [f"task {task}", f"predicts {cfg['prediction_type']}"]
+    if task in PAIRED_TASKS:
+        parts += [f"condition by {cfg['cond_mode']}", f"condition dropout {cfg['cond_dropout']:g}"]
+    if task == "superres":
+        parts.append(f"x{cfg['sr_factor']} ({cfg['sr_filter']})")
+    elif task != "generate":
+        parts.append(f"{cfg['num_mask_classes']} mask labels")
+    if cfg["mask_ablation"]:
+        parts.append(f"mask ablation {cfg['mask_ablation']:g}")
+    return ", ".join(parts)

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 import conditional as cond_lib
 import medical
 import runtime as rt
-from conditional import PAIRED_TASKS, SR_FILTERS, TASKS
+from conditional import PAIRED_TASKS
 from dataset import ImageFolderDataset, flip_mask
-from models import COND_MODES, PREDICTION_TYPES, Diffusion, UNet, UNet_conditional
+from models import Diffusion, UNet, UNet_conditional
 from paired import PairedDataset
 from runtime import UserError
 from utils import MODEL_TYPE, save_grid
@@ -48,14 +48,14 @@ BASE_SETTINGS = dict(
     compile=False, channels_last=False, num_classes=None,
     intensity_window="auto", slice_axis="axial", slice_range=None, group_regex=None, window_16bit=False,
     # image-conditioned tasks (conditional.py): what is generated from what, and how the UNet sees it
-    task="generate", prediction_type=None, cond_mode="concat", num_mask_classes=2, cond_dropout=0.1, mask_ablation=0.0, sr_factor=4,
-    sr_filter="bicubic", images_folder="images", masks_folder="masks", lowres_folder=None, image_prefix="",
+    task="generate", prediction_type=None, cond_mode="concat", num_mask_classes=2, cond_dropout=0.1,
+    mask_ablation=0.0, sr_factor=4, sr_filter="bicubic", images_folder="images", masks_folder="masks", lowres_folder=None, image_prefix="",
     mask_prefix="", skip_unpaired=False, class_labels_csv=None,
 )
 # Settings that define the network / noise process: a resumed run must keep them.
 ARCH_KEYS = ("image_size", "channels", "base_channels", "time_dim", "noise_steps", "schedule", "beta_start",
-             "beta_end", "num_classes", "conditional", "task", "prediction_type", "cond_mode", "num_mask_classes", "sr_factor",
-             "sr_filter")
+             "beta_end", "num_classes", "conditional", "task", "prediction_type", "cond_mode", "num_mask_classes",
+             "sr_factor", "sr_filter")
 # Settings that define the optimisation trajectory: kept from the stored run on resume (a warning says so).
 TRAJECTORY_KEYS = ("batch_size", "learning_rate", "weight_decay", "lr_schedule", "warmup_steps", "grad_clip",
                    "ema_decay", "ema_start", "cfg_dropout", "random_flip", "seed", "mixed_precision", "cond_dropout",
@@ -128,7 +128,7 @@ def add_train_args(p):
     add("--device", help="auto (default), cpu, cuda")
     add("--compile", action="store_true", default=None, help="torch.compile the UNet")
     add("--channels_last", action="store_true", default=None, help="channels_last memory format")
-    add_task_args(p)
+    cond_lib.add_task_args(p)
     rt.add_resume_flag(p)
     add("--trust_checkpoint", action="store_true", help="allow loading a pickled (non-plain) checkpoint")
     medical.add_read_flags(p)  # --intensity_window, --slice_axis, --slice_range, --group_regex
@@ -136,32 +136,6 @@ def add_train_args(p):
         if action.dest in READ_KEYS:
             action.default = None
     return p
-
-
-def add_task_args(p):
-    """Flags of the image-conditioned tasks (conditional.py): mask -> image, super-resolution, segmentation."""
-    add = p.add_argument
-    add("--task", choices=list(TASKS), help="generate (default: class folders or --unconditional), masks, "
-        "mask2image, superres, segmentation")
-    add("--prediction_type", choices=list(PREDICTION_TYPES), help="what the UNet predicts: epsilon (default of "
-        "--task generate) or v_prediction (default of the other tasks: stable x0 estimates at large t)")
-    add("--cond_mode", choices=list(COND_MODES), help="how the UNet sees the condition: concat (default) or spade")
-    add("--num_mask_classes", type=int, help="mask labels 0..K-1, 0 = background (default 2: any non-zero is "
-        "foreground)")
-    add("--cond_dropout", type=float, help="probability the condition is replaced by the null one, for guidance "
-        "with --cond-scale at sampling (default 0.1)")
-    add("--mask_ablation", type=float, help="mask2image: probability each label of a mask is removed (default 0)")
-    add("--sr_factor", type=int, help="superres: downsampling factor of the low-res input (default 4)")
-    add("--sr_filter", choices=list(SR_FILTERS), help="superres: antialiased filter making the low-res input "
-        "(default bicubic)")
-    add("--images_folder", help="paired tasks: images under --data-root (default images)")
-    add("--masks_folder", help="paired tasks: masks under --data-root (default masks)")
-    add("--lowres_folder", help="superres: read low-res inputs from this folder under --data-root instead of "
-        "making them")
-    add("--image_prefix", help="stem prefix of the images, e.g. Img_ (pairs Img_001 with seg_001)")
-    add("--mask_prefix", help="stem prefix of the masks, e.g. seg_")
-    add("--skip_unpaired", action="store_true", default=None, help="train on the pairs found, ignore unpaired files")
-    add("--class_labels_csv", help="paired tasks and masks: 'stem,class_name' rows -> class-conditional too")
 
 
 def build_parser():
@@ -225,7 +199,7 @@ def resolve_config(args, stored=None):
         raise UserError("--dataset-path is required (a folder of class folders, or of images with --unconditional)")
     if not cfg.get("prediction_type"):  # older runs: epsilon
         cfg["prediction_type"] = "epsilon" if cfg["task"] == "generate" or stored is not None else "v_prediction"
-    check_task_settings(cfg)
+    cond_lib.check_task_settings(cfg)
     checks = [("image_size", cfg["image_size"] >= 8 and cfg["image_size"] % 8 == 0,
                "must be a positive multiple of 8 (the UNet halves it 3 times), e.g. 32, 64, 128"),
               ("num_epochs", cfg["num_epochs"] >= 1, "must be >= 1"),
@@ -264,21 +238,6 @@ def default_run_name(task, conditional):
     if task == "generate":
         return "DDPM_conditional" if conditional else "DDPM_Unconditional"
     return f"DDPM_{task}"
-
-
-def check_task_settings(cfg):
-    """Ranges and combinations of the task flags, each a one-line UserError naming the flag."""
-    task, k = cfg["task"], cfg["num_mask_classes"]
-    if not 2 <= k <= 256:
-        raise UserError(f"--num-mask-classes {k} must be between 2 (binary) and 256 (labels 0..255)")
-    if not 0.0 <= cfg["cond_dropout"] < 1.0:
-        raise UserError(f"--cond-dropout {cfg['cond_dropout']} must be in [0, 1)")
-    if not 0.0 <= cfg["mask_ablation"] <= 1.0:
-        raise UserError(f"--mask-ablation {cfg['mask_ablation']} must be in [0, 1]")
-    if cfg["mask_ablation"] and task != "mask2image":
-        raise UserError(f"--mask-ablation applies to --task mask2image (this run is --task {task})")
-    if task == "superres" and (cfg["sr_factor"] < 2 or cfg["image_size"] % cfg["sr_factor"]):
-        raise UserError(f"--sr-factor {cfg['sr_factor']} must be >= 2 and divide --image-size {cfg['image_size']}")
 
 
 def read_options(settings):
@@ -553,7 +512,7 @@ def sample_grid(diffusion, model, cfg, step, epoch, paths, writer, device, preci
                             steps=cfg["sampling_steps"], seeds=list(range(n)), cond=cond,
                             autocast_dtype=rt.autocast_dtype(precision), progress=True,
                             as_float=cfg["task"] in cond_lib.MASK_TARGET_TASKS)
-    imgs, nrow = grid_images(cfg, imgs.cpu(), items)
+    imgs, nrow = cond_lib.grid_images(cfg, imgs.cpu(), items)
     path = paths["results"] / f"epoch{epoch + 1:04d}_ema.png"
     grid = save_grid(imgs, path, nrow)
     if writer is not None:
@@ -562,33 +521,10 @@ def sample_grid(diffusion, model, cfg, step, epoch, paths, writer, device, preci
     logger.info(f"sample grid -> {path} ({t['images']} images x {t['steps']} steps in {t['seconds']:.1f} s)")
 
 
-def grid_images(cfg, imgs, items):
-    """uint8 tiles of a sample grid and its columns: masks shown as gray levels, pairs as condition | sample | truth."""
-    k, task = cfg["num_mask_classes"], cfg["task"]
-
-    def show(x, is_mask):  # -> uint8 (N, C, H, W) with the image channels
-        if not is_mask:
-            return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        g = (x.float() * (255 // (k - 1))).round().clamp(0, 255).to(torch.uint8)
-        return g.expand(-1, cfg["channels"], -1, -1)
-
-    if task in cond_lib.MASK_TARGET_TASKS:
-        imgs = show(cond_lib.decode_mask(imgs * 2 - 1, k)[:, None], True)
-    if items is None:
-        return imgs, min(cfg["num_classes"], 16) if cfg["conditional"] else None
-    cond = show(torch.stack([it[1] for it in items]), task == "mask2image")
-    truth = show(torch.stack([it[0] for it in items]), task in cond_lib.MASK_TARGET_TASKS)
-    return torch.stack([cond, imgs.expand_as(cond), truth], 1).flatten(0, 1), 3
-
-
 def log_header(logger, cfg, dataset, model, ema, world, device, per_epoch):
     """What runs: data, world size, batch, precision, and the parameter table."""
-    if cfg["task"] != "generate":
-        logger.info(f"task {cfg['task']}" + (f", condition by {cfg['cond_mode']}" if cfg["task"] in PAIRED_TASKS else "")
-                    + (f", {cfg['num_mask_classes']} mask labels" if cfg["task"] != "superres" else
-                       f", x{cfg['sr_factor']} ({cfg['sr_filter']})")
-                    + f", condition dropout {cfg['cond_dropout']:g}" * (cfg["task"] in PAIRED_TASKS)
-                    + f", mask ablation {cfg['mask_ablation']:g}" * bool(cfg["mask_ablation"]))
+    if cfg["task"] != "generate" or cfg["prediction_type"] != "epsilon":
+        logger.info(cond_lib.describe_task(cfg))
     logger.info(f"DDPM {'class-conditional' if cfg['conditional'] else 'unconditional'} run '{cfg['run_name']}': "
                 f"{len(dataset)} images, {cfg['image_size']}x{cfg['image_size']}x{cfg['channels']}"
                 + (f", {cfg['num_classes']} classes" if cfg["conditional"] else ""))

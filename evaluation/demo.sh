@@ -67,6 +67,7 @@ for samples in "$OUT"/*/samples; do
 done
 [ ${#MODELS[@]} -gt 0 ] || echo "[evaluation] no OUT/<model>/samples folders yet: only the reference row is shown"
 SEG=()
+DICE=()
 EXTRA=()
 for pairs in "$OUT"/*/pairs; do  # the mask-guided models (ControlNet, pixel mask -> image DDPM)
   [ -d "$pairs/images" ] || continue
@@ -75,9 +76,10 @@ for pairs in "$OUT"/*/pairs; do  # the mask-guided models (ControlNet, pixel mas
   "${SMALL[@]}" --real "$DATA/heldout/pairs" --train_dir "$DATA/pairs" --gen "$pairs" \
     --metrics memorization --audit_size 32 --tstr --json "$EVAL/${model}_pairs.json" && SEG+=("$model=$EVAL/${model}_pairs.json")
   dice=$(find "$OUT/$model/generated" -name dice.csv 2>/dev/null | head -n 1)
-  [ -z "$dice" ] || EXTRA+=(--dice "$model=$dice")
+  [ -z "$dice" ] || DICE+=("$model=$dice")
 done
 [ ${#SEG[@]} -eq 0 ] || SEG=(--segmentation "${SEG[@]}")
+[ ${#DICE[@]} -eq 0 ] || EXTRA+=(--dice "${DICE[@]}")
 for f in superres/sr_metrics.csv segmentation/seg_metrics.csv; do
   [ -f "$OUT/ddpm_tasks/$f" ] || continue
   case "$f" in superres/*) EXTRA+=(--superres "$OUT/ddpm_tasks/$f") ;; *) EXTRA+=(--seg_metrics "$OUT/ddpm_tasks/$f") ;; esac

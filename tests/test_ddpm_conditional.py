@@ -12,9 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from repo_helpers import BOOT, free_port, install_fault_hooks, load_folder, run_main_expect, run_script, script_env
+from repo_helpers import (BOOT, REPO, free_port, install_fault_hooks, load_folder, run_main_expect, run_script,
+                          script_env)
 
-models, conditional, train, runtime = load_folder("ddpm", "models", "conditional", "train", "runtime")
+models, conditional, train, paired, runtime = load_folder("ddpm", "models", "conditional", "train", "paired",
+                                                        "runtime")
 install_fault_hooks(runtime)
 
 TINY = ["--base-channels", "8", "--time-dim", "16", "--log-every", "1", "--sample-every", "0"]
@@ -184,10 +186,35 @@ def state_of(work, run):
     return torch.load(Path(work) / "models" / run / "train_state.pt", weights_only=True)
 
 
+class _Clean:
+    """A stand-in noise process that returns the clean target, to look at what a training step feeds the UNet."""
+
+    def noise_images(self, x, t, noise):
+        return x, noise
+
+    def training_target(self, x, noise, t):
+        return x
+
+
+def test_random_flips_keep_target_and_condition_aligned(tmp_path):
+    data = blob_pairs(tmp_path / "d", n=8)
+    ds = paired.PairedDataset("mask2image", data, 16)
+    batch = torch.utils.data.default_collate([ds[i] for i in range(8)])
+    cfg = dict(train.BASE_SETTINGS, task="mask2image", conditional=False, random_flip=True, cond_dropout=0.0,
+               noise_steps=10)
+    for epoch in range(3):
+        x, _, _, _, cond = train.noisy_batch(_Clean(), batch, cfg, epoch, 0, 0, torch.device("cpu"))
+        fg = cond[:, 1:2] > 0.5  # the one-hot foreground channel
+        assert ((x > 0) == fg).all()  # the image is bright exactly where its (flipped) mask is
+        flipped = [not torch.equal(x[i], batch[0][i]) for i in range(8)]
+        assert 0 < sum(flipped) < 8  # some images were flipped, not all
+        assert all(torch.equal(x[i], batch[0][i].flip(2)) for i in range(8) if flipped[i])
+
+
 def test_training_stores_the_task_and_the_model_rebuilds_from_it(pairs, tmp_path, capsys):
     train.main(train_args(pairs, tmp_path, "mask2image", "--cond-mode", "spade", "--num-mask-classes", "2"))
     out = capsys.readouterr().out
-    assert "task mask2image, condition by spade" in out and "run 'DDPM_mask2image'" in out
+    assert "task mask2image, predicts v_prediction, condition by spade" in out and "run 'DDPM_mask2image'" in out
     st = state_of(tmp_path, "DDPM_mask2image")
     assert st["config"]["task"] == "mask2image" and st["model_config"]["cond_mode"] == "spade"
     m = models.rebuild_model(st["model_config"])
@@ -276,6 +303,25 @@ def test_segmentation_mean_mask_dice_after_a_short_overfit(tmp_path):
     dice = (2 * (mean_mask & truth).sum((1, 2)) / (mean_mask.sum((1, 2)) + truth.sum((1, 2)))).float()
     print(f"segmentation mean-mask Dice per image: {dice.tolist()}")
     assert dice.mean() > 0.85
+
+
+def test_synthetic_pairs_script_writes_a_paired_data_set(pairs, tmp_path):
+    """scripts/synthetic_pairs.sh as documented (mask DDPM, mask -> image DDPM, then N pairs), tiny settings."""
+    import subprocess
+
+    tiny = "--image-size 16 --base-channels 8 --time-dim 16 --noise-steps 50 --max-train-steps 3 --batch-size 2"
+    env = script_env(WORK_DIR=str(tmp_path / "work"), MASK_FLAGS=tiny, IMAGE_FLAGS=tiny)
+    out = tmp_path / "synthetic"
+    proc = subprocess.run(["bash", "scripts/synthetic_pairs.sh", str(pairs), str(out), "3"], cwd=REPO / "ddpm",
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stems = sorted(p.stem for p in (out / "images").glob("*.png"))
+    assert stems == sorted(p.stem for p in (out / "masks").glob("*.png")) == [f"sample_seed{i}" for i in range(3)]
+    for stem in stems:  # each mask is a binary label image the size of its image
+        mask, img = np.asarray(Image.open(out / "masks" / f"{stem}.png")), Image.open(out / "images" / f"{stem}.png")
+        assert set(np.unique(mask).tolist()) <= {0, 255} and img.size == (16, 16) == mask.shape[::-1]
+    assert (out / "pairs.csv").read_text().splitlines()[1:] == [f"sample_seed{i},{100000 + i},{i}" for i in range(3)]
+    assert (tmp_path / "work" / "models" / "pairs_masks" / "train_state.pt").is_file()
 
 
 # ------------------------------------------------------------------ bad paired data: one line each
