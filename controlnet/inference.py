@@ -28,6 +28,7 @@ from imaging import ALL_EXTENSIONS, is_image_file
 from models import (SCHEDULERS, ClassEmbedder, ControlledUNet, DummyEncoder, UserError, check_same_ldm, decode,
                     initial_latents, load_flagged_checkpoint, load_ldm, make_sampler, sample)
 from pairing import check_dice_threshold, expand_sources, image_dice, label_of, list_images
+from pairing import dice, otsu_threshold  # noqa: F401 - the Dice definition, importable from here as before
 from runtime import (FlagParser, atomic_write_text, autocast, autocast_dtype, pick_device, resolve_precision,
                      run_main, save_png_once, setup_cuda_speedups, timing_summary)
 from diffusers import ControlNetModel

@@ -49,8 +49,8 @@ BASE_SETTINGS = dict(
     intensity_window="auto", slice_axis="axial", slice_range=None, group_regex=None, window_16bit=False,
     # image-conditioned tasks (conditional.py): what is generated from what, and how the UNet sees it
     task="generate", prediction_type=None, cond_mode="concat", num_mask_classes=2, cond_dropout=0.1,
-    mask_ablation=0.0, sr_factor=4, sr_filter="bicubic", images_folder="images", masks_folder="masks", lowres_folder=None, image_prefix="",
-    mask_prefix="", skip_unpaired=False, class_labels_csv=None,
+    mask_ablation=0.0, sr_factor=4, sr_filter="bicubic", images_folder="images", masks_folder="masks",
+    lowres_folder=None, image_prefix="", mask_prefix="", skip_unpaired=False, class_labels_csv=None,
 )
 # Settings that define the network / noise process: a resumed run must keep them.
 ARCH_KEYS = ("image_size", "channels", "base_channels", "time_dim", "noise_steps", "schedule", "beta_start",
