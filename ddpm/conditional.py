@@ -158,6 +158,19 @@ def read_label_map(src, num_mask_classes, opts=None):
 
 
 # ---------------------------------------------------------------- what train.py takes from here
+def unet_config(cfg, channels, num_classes):
+    """Constructor arguments of the UNet for this run (stored in config.json / train_state.pt).
+
+    `channels` are the image channels; the UNet generates the task's target (conditional.target_channels)."""
+    task, k = cfg.get("task", "generate"), cfg.get("num_mask_classes", 2)
+    target = target_channels(task, k, channels)
+    mcfg = {"c_in": target, "c_out": target, "img_size": cfg["image_size"], "time_dim": cfg["time_dim"],
+            "base_channels": cfg["base_channels"], "num_classes": num_classes}
+    if cond_channels(task, k, channels):
+        mcfg.update(cond_channels=cond_channels(task, k, channels), cond_mode=cfg["cond_mode"])
+    return mcfg
+
+
 def add_task_args(p):
     """Flags of the image-conditioned tasks (conditional.py): mask -> image, super-resolution, segmentation."""
     add = p.add_argument

@@ -104,7 +104,7 @@ def load_model(ckpt, use_ema=False, trust=False):
         if obj["model_type"] != MODEL_TYPE:
             raise UserError(f"{ckpt} is a {obj['model_type']!r} checkpoint, not a DDPM one")
         cfg = obj.get("config") or {}
-        info = {"model": state_model_config(cfg),
+        info = {"model": conditional.unet_config(cfg, cfg["channels"], cfg["num_classes"]),
                 "diffusion": {k: cfg.get(k) for k in ("noise_steps", "schedule", "beta_start", "beta_end",
                                                       "prediction_type")},
                 "class_names": obj.get("class_names", []), "intensity": cfg.get("intensity"), "train": cfg}
@@ -139,18 +139,6 @@ def load_model(ckpt, use_ema=False, trust=False):
         raise UserError(f"{wpath} does not match the architecture in its config ({describe(info)}): it is a "
                         f"checkpoint of another architecture or size ({first[0][:160]})")
     return model.eval(), info, wpath
-
-
-def state_model_config(cfg):
-    """The UNet config of a train_state.pt's training config (target channels, condition channels)."""
-    task, k = cfg.get("task", "generate"), int(cfg.get("num_mask_classes", 2))
-    ct = conditional.target_channels(task, k, cfg["channels"])
-    m = {"c_in": ct, "c_out": ct, "img_size": cfg["image_size"], "time_dim": cfg["time_dim"],
-         "base_channels": cfg["base_channels"], "num_classes": cfg["num_classes"]}
-    cc = conditional.cond_channels(task, k, cfg["channels"])
-    if cc:
-        m.update(cond_channels=cc, cond_mode=cfg.get("cond_mode", "concat"))
-    return m
 
 
 def task_of(info):

@@ -335,16 +335,8 @@ class ResumableBatches(torch.utils.data.Sampler):
 
 
 def model_config(cfg, channels, num_classes):
-    """Constructor arguments of the UNet for this run (stored in config.json / train_state.pt).
-
-    `channels` are the image channels; the UNet generates the task's target (conditional.target_channels)."""
-    task, k = cfg.get("task", "generate"), cfg.get("num_mask_classes", 2)
-    target = cond_lib.target_channels(task, k, channels)
-    mcfg = {"c_in": target, "c_out": target, "img_size": cfg["image_size"], "time_dim": cfg["time_dim"],
-            "base_channels": cfg["base_channels"], "num_classes": num_classes}
-    if cond_lib.cond_channels(task, k, channels):
-        mcfg.update(cond_channels=cond_lib.cond_channels(task, k, channels), cond_mode=cfg["cond_mode"])
-    return mcfg
+    """Constructor arguments of the UNet for this run (conditional.unet_config; in config.json / train_state.pt)."""
+    return cond_lib.unet_config(cfg, channels, num_classes)
 
 
 def run_info(cfg, class_names, step, epoch):
