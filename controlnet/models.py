@@ -180,8 +180,9 @@ class ControlledUNet(nn.Module):
         super().__init__()
         self.unet, self.controlnet, self.encoder = unet, controlnet, encoder
 
-    def forward(self, latents, timesteps, labels, mask, controlnet_scale=1.0):
-        ehs = self.encoder(labels)
+    def forward(self, latents, timesteps, labels, mask, controlnet_scale=1.0, embeddings=None):
+        # embeddings (B, 1, dim): a condition given directly (class interpolation); else the encoder's of labels
+        ehs = self.encoder(labels) if embeddings is None else embeddings
         down = mid = None
         if controlnet_scale != 0:  # scale 0: the mask is ignored, the ControlNet is not even run
             down, mid = self.controlnet(latents, timesteps, encoder_hidden_states=ehs, controlnet_cond=mask,
@@ -332,11 +333,13 @@ def initial_latents(seeds, shape):
 
 @torch.no_grad()
 def sample(model, sampler, latents, labels, mask, num_steps, controlnet_scale=1.0, generators=None,
-           cfg_scale=1.0, null_label=None, progress=None):
+           cfg_scale=1.0, null_label=None, progress=None, embeddings=None):
     """Run the reverse process from `latents`; returns denoised latents.
 
     With cfg_scale != 1 the prediction is guided away from the null class (classifier-free guidance);
     the mask drives both branches. `generators` (one per image) feed stochastic samplers (DDPM).
+    `embeddings` (B, 1, dim) replace the encoder's embedding of `labels` in the conditional branch (class
+    interpolation); the guidance branch stays the null class's embedding.
     """
     sampler.set_timesteps(num_steps)
     x = latents * sampler.init_noise_sigma
@@ -347,11 +350,12 @@ def sample(model, sampler, latents, labels, mask, num_steps, controlnet_scale=1.
         tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
         if guided:
             null = torch.full_like(labels, null_label)
+            emb = None if embeddings is None else torch.cat([embeddings, model.encoder(null)])
             out = model(torch.cat([inp, inp]), torch.cat([tt, tt]), torch.cat([labels, null]),
-                        torch.cat([mask, mask]), controlnet_scale)
+                        torch.cat([mask, mask]), controlnet_scale, embeddings=emb)
             cond, uncond = out.float().chunk(2)
             pred = uncond + cfg_scale * (cond - uncond)
         else:
-            pred = model(inp, tt, labels, mask, controlnet_scale).float()
+            pred = model(inp, tt, labels, mask, controlnet_scale, embeddings=embeddings).float()
         x = sampler.step(pred, t, x, generator=generators).prev_sample
     return x

@@ -7,7 +7,8 @@
 
 The LDM's UNet is frozen by default (--no_freeze_unet trains it too); the ControlNet starts as a copy of the
 UNet's encoder. Writes OUTPUT_DIR/checkpoint_best.pt (lowest validation loss), checkpoint_last.pt (--resume),
-log.txt, tensorboard/ and samples/ (mask | sample | ground truth grids). The flags are listed in README.md.
+log.txt, tensorboard/, samples/ (mask | sample | ground truth grids) and progress.gif (the grids so far as an
+animation, rebuilt after each one). The flags are listed in README.md.
 """
 import contextlib
 import math
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import medical
+import animation
 from dataset import (EpochSampler, PairDataset, describe_unpaired, groups_of, label_of, pair_slices, read_class_labels,
                      read_options, split_indices, validate_pairs)
 from models import (SCHEDULERS, ControlledUNet, DummyEncoder, UserError, build_controlnet, check_same_ldm, decode,
@@ -492,6 +494,8 @@ def write_sample_grid(run, log, ds, idx, epoch, step):
         save_png_replace(to_pil((grid * 255).round().to(torch.uint8)), run.out / "samples" / f"epoch_{epoch:04d}.png")
     except TrainingError as e:  # a preview only: training goes on (a checkpoint write would stop it)
         log.warning(f"warning: {e}")
+    animation.refresh_progress_gif(run.out / "samples", r"epoch_(\d+)\.png", "epoch", run.out / "progress.gif",
+                                   upto=epoch, log=log)
 
 
 if __name__ == "__main__":

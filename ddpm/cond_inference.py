@@ -34,6 +34,7 @@ import conditional as cd
 import imaging
 import medical
 import runtime as rt
+import sampling
 import writers
 from metrics import label_dice, label_entropy, majority_mask, psnr, ssim
 from models import Diffusion, count_parameters
@@ -129,6 +130,28 @@ class Inputs:
     def truth_of(self, i):
         """Ground truth i at the model size: a label map (1, S, S) (segmentation) or an image [0, 1]."""
         return self.mask(self.gt[i]) if self.task == "segmentation" else self.image(self.gt[i], "ground truth")
+
+
+def encoded(inputs, i):
+    """Condition i as the UNet sees it (conditional.encode_condition), (Cc, S, S)."""
+    return cd.encode_condition(inputs.task, inputs.condition(i)[None], inputs.k)[0]
+
+
+def sample_name(stem, cls, seed):
+    """<condition stem>[_<class>]_seed<seed>.png: the file of one sample."""
+    return f"{stem}{cls}_seed{seed}.png"
+
+
+def single_condition(args, info):
+    """Inputs of exactly one condition (an interpolation, one served upload) and its class -> (inputs, labels)."""
+    validate(args, info["train"]["task"])
+    inputs = Inputs(args, info)
+    if len(inputs.conds) != 1:
+        raise UserError(f"--condition {args.condition or args.ground_truth} holds {len(inputs.conds)} conditions; "
+                        f"an interpolation takes one file (or slice)")
+    labels = resolve_class(args, info, inputs.conds)
+    encoded(inputs, 0)  # read and checked before any work
+    return inputs, labels
 
 
 def settings_of(args, task, wpath, steps):
@@ -252,7 +275,7 @@ def sample_conditional(args, model, info, wpath):
     def cls_of(i):  # "_<class>" in the names of condition i's outputs
         return "" if labels[i] is None else f"_{names[labels[i]]}"
 
-    steps = args.sampling_steps or (d["noise_steps"] if args.sampler == "ddpm" else min(50, d["noise_steps"]))
+    steps = args.sampling_steps or sampling.default_steps(args.sampler, d["noise_steps"])
     if not 1 <= steps <= d["noise_steps"]:
         raise UserError(f"--sampling-steps {steps} must be between 1 and the model's {d['noise_steps']} noise steps")
     try:
@@ -290,7 +313,7 @@ def sample_conditional(args, model, info, wpath):
 
     def name(i, j):  # the output of sample j of condition i (seed, condition stem, class)
         stem = inputs.conds[i].stem
-        return f"images/{stem}.png" if args.pair_layout else f"{stem}{cls_of(i)}_seed{args.seed + i * n_per + j}.png"
+        return f"images/{stem}.png" if args.pair_layout else sample_name(stem, cls_of(i), args.seed + i * n_per + j)
 
     def path(i, j):
         return out / name(i, j) if task == "segmentation" else writers.output_path(out / name(i, j), args.output_format)
@@ -326,23 +349,27 @@ def sample_jobs(args, diffusion, model, inputs, todo, path, labels, steps, amp, 
     from tqdm import tqdm
 
     task, k, n_per, written = inputs.task, inputs.k, args.samples_per_condition, 0
+    s = settings(args, steps, amp)
     for b in tqdm(range(0, len(todo), args.batch_size), desc="batches", disable=rank != 0 or not todo):
         chunk = todo[b:b + args.batch_size]
-        enc = {i: cd.encode_condition(task, inputs.condition(i)[None], k)[0] for i in {i for i, _ in chunk}}
-        y = None if labels[0] is None else torch.tensor([labels[i] for i, _ in chunk], device=device)
-        x = diffusion.sample(model, len(chunk), labels=y, cfg_scale=args.cfg_scale, sampler=args.sampler, steps=steps,
-                             seeds=[args.seed + i * n_per + j for i, j in chunk], eta=args.eta, progress=False,
-                             autocast_dtype=amp, channels_last=args.channels_last, as_float=True,
-                             cond=torch.stack([enc[i] for i, _ in chunk]).to(device), cond_scale=args.cond_scale)
+        enc = {i: encoded(inputs, i) for i in {i for i, _ in chunk}}
+        x = sampling.sample_batch(diffusion, model, [args.seed + i * n_per + j for i, j in chunk],
+                                  None if labels[0] is None else [labels[i] for i, _ in chunk], s, as_float=True,
+                                  cond=torch.stack([enc[i] for i, _ in chunk]).to(device))
         for (i, j), img in zip(chunk, x.cpu()):
-            if task == "segmentation":
-                lab = cd.decode_mask(img[None] * 2 - 1, k)[0]
-                written += rt.save_png_once(Image.fromarray(cd.mask_png(lab, k)), path(i, j))
+            if task == "segmentation" or args.output_format == "png":  # label PNGs / 8-bit images
+                written += rt.save_png_once(sampling.png_image(img, task, k), path(i, j))
             else:  # the file says what made it; never a training file's name
                 desc = (f"synthetic DDPM {task} sample; condition {i}; seed {args.seed + i * n_per + j}; "
                         f"{args.sampler} {steps} steps; cond_scale {args.cond_scale:g}; model {tag}")
                 written += writers.write_image_once(img, path(i, j), args.output_format, window, desc) is not None
     return written
+
+
+def settings(args, steps, amp):
+    """sampling.Settings of the flags."""
+    return sampling.Settings(args.sampler, steps, args.cfg_scale, args.eta, args.cond_scale, args.batch_size, amp,
+                             args.channels_last)
 
 
 def read_back(path, inputs):

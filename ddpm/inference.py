@@ -15,6 +15,18 @@ Image i of a run is class `labels[i % len(labels)]` with seed `--seed + i`, writ
 never overwritten: a rerun skips them, so an interrupted run is completed by running it again. The output
 folder remembers its settings (settings.json) and refuses samples made with other settings.
 
+Interpolation (deterministic DDIM, eta 0; --sampling-steps, default 50, and --cfg-scale as above):
+    python inference.py --ckpt models/DDPM_conditional/ema_ckpt.pt --interpolate_seeds 3 9 --class-labels cat
+    python inference.py --ckpt models/DDPM_conditional/ema_ckpt.pt --interpolate_classes cat dog --seed 42
+    python inference.py --ckpt models/m2i/ema_ckpt.pt --interpolate_seeds 0 1 --condition masks/case1.png
+--interpolate_seeds A B slerps the initial noise of the per-image seeds A and B (those in <class>_seed<S>.png;
+class from --class-labels, one, default the first; unconditional and mask2image checkpoints too),
+--interpolate_classes A B (names or indices) mixes the class embedding (1 - t) e[A] + t e[B] with the noise of
+--seed; --interp_frames N (default 8) frames include both end points, which equal the plain one-image samples.
+Writes <stem>.png (the frames side by side) and <stem>.gif into --output-dir (default
+samples/interpolation_<run>_<ckpt>), stem = interp_seeds3-9_cat_ddim50_cfg3_f8 or
+interp_classes_cat-dog_seed42_ddim50_cfg3_f8 (+ _<condition stem>_cond<s> for a condition); never overwritten.
+
 `--output-format png` (default, 8-bit), `png16`, `nifti` (`.nii.gz`, 1-channel models: values mapped back
 through the checkpoint's intensity window, e.g. to HU) or `dicom` (`.dcm`, secondary capture with new UIDs;
 nothing is copied from any training file). Grids are made for png output only.
@@ -24,17 +36,19 @@ The checkpoint's training task decides what is made: "generate" images as above;
 checkpoints sample from --condition (and --ground_truth) in cond_inference.py, which documents those flags.
 """
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
+import animation
 import cond_inference
 import conditional
+import sampling
 import writers
 import runtime as rt
-from models import Diffusion, count_parameters, rebuild_model
+from models import count_parameters, rebuild_model
 from runtime import UserError
 from utils import MODEL_TYPE, read_json, save_grid
 
@@ -52,7 +66,7 @@ def add_sample_args(p):
     add("image-size", type=int, help="optional check: must equal the checkpoint's image size")
     add("batch-size", type=int, default=8, help="images per forward pass per process")
     add("cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (1 = no guidance)")
-    add("sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral DDPM or deterministic DDIM")
+    add("sampler", choices=["ddpm", "ddim"], help="ancestral DDPM (default) or deterministic DDIM")
     add("sampling-steps", aliases=["num_sampling_steps"], type=int,
         help="denoising steps (default: all T for ddpm, 50 for ddim)")
     add("eta", type=float, help="DDIM eta (default 0 for ddim, 1 for ddpm)")
@@ -78,6 +92,12 @@ def add_sample_args(p):
     add("class-label", help="class name for every condition (models trained with classes and conditions)")
     add("class-labels-csv", help="CSV of 'stem,class_name' rows: the class of each condition")
     add("pair-layout", action="store_true", help="mask2image: write images/ + masks/ + pairs.csv (synthetic pairs)")
+    # interpolation (deterministic DDIM): a strip PNG + a GIF instead of separate images
+    add("interpolate-seeds", type=int, nargs=2, metavar=("A", "B"),
+        help="slerp between the initial noise of per-image seeds A and B (class: --class-labels, one)")
+    add("interpolate-classes", nargs=2, metavar=("A", "B"),
+        help="mix the class embedding from class A to class B (names or indices; noise of --seed)")
+    add("interp-frames", type=int, default=8, help="interpolation frames, both end points included (>= 2)")
     return p
 
 
@@ -173,6 +193,16 @@ def resolve_labels(requested, class_names):
     return out
 
 
+def checkpoint_tag(ckpt, wpath, use_ema):
+    """<run>_<weights stem>[_ema]: how output folders name the checkpoint (train_state.pt: EMA or not)."""
+    return f"{Path(ckpt).parent.name}_{Path(wpath).stem}{'_ema' if use_ema and Path(wpath).name == 'train_state.pt' else ''}"
+
+
+def samples_tag(ckpt_tag, sampler, steps, cfg_scale, seed, fmt="png"):
+    """The default output folder's name under samples/ (png16 / nifti / dicom get their own folder)."""
+    return f"{ckpt_tag}_{sampler}{steps}_cfg{cfg_scale:g}_seed{seed}{'' if fmt == 'png' else f'_{fmt}'}"
+
+
 def image_path(out, i, seed, labels, class_names, subfolders):
     """File of global image index i (class and seed in the name)."""
     if labels is None:
@@ -220,6 +250,114 @@ def write_grids(out, grid_dir, labels, class_names, subfolders, seed, num_sample
     return written + [all_path]
 
 
+def resolve_steps(args, diffusion_cfg):
+    """--sampling-steps, or the sampler's default; UserError outside 1..T."""
+    T = diffusion_cfg["noise_steps"]
+    steps = args.sampling_steps or sampling.default_steps(args.sampler, T)
+    if not 1 <= steps <= T:
+        raise UserError(f"--sampling-steps {steps} must be between 1 and the model's {T} noise steps")
+    return steps
+
+
+def check_interpolation_args(args):
+    """The interpolation flags' own rules (before the checkpoint is read), each naming the flag."""
+    if args.interpolate_seeds is not None and args.interpolate_classes is not None:
+        raise UserError("give either --interpolate_seeds or --interpolate_classes, not both")
+    if args.interp_frames < 2:
+        raise UserError(f"--interp_frames {args.interp_frames} must be >= 2 (both end points are frames)")
+    if args.sampler not in (None, "ddim") or args.eta not in (None, 0.0):
+        raise UserError("interpolation samples with deterministic DDIM (eta 0); drop --sampler / --eta")
+    if args.output_format != "png":
+        raise UserError(f"--output_format {args.output_format}: interpolation writes a PNG strip and a GIF; "
+                        f"drop the flag")
+    extra = [f"--{k.replace('_', '-')}" for k in ("save_grid", "grid_dir", "class_subfolders", "ground_truth",
+                                                 "save_comparison", "report_dice", "pair_layout", "class_labels_csv")
+             if getattr(args, k)]
+    if args.samples_per_condition != 1:
+        extra.append("--samples-per-condition")
+    if extra:
+        raise UserError(f"{' '.join(extra)}: not used by an interpolation (one strip + one GIF); drop "
+                        f"{'it' if len(extra) == 1 else 'them'}")
+
+
+def interpolation_request(args, info, task):
+    """(mode, seeds, class indices) of the interpolation flags, classes checked against the checkpoint."""
+    m = info["model"]
+    names = (info.get("class_names") or []) if m["num_classes"] else []
+    paired = task in conditional.PAIRED_TASKS
+    if args.interpolate_classes is not None:
+        if paired:
+            raise UserError(f"--interpolate_classes: {args.ckpt} is a {task} checkpoint; class interpolation is "
+                            f"for generate and masks checkpoints (use --interpolate_seeds)")
+        if not names:
+            raise UserError(f"--interpolate_classes: {args.ckpt} is unconditional (no classes); use "
+                            f"--interpolate_seeds")
+        if args.class_labels:
+            raise UserError("--class-labels: --interpolate_classes names both classes; drop --class-labels")
+        a, b = resolve_labels(list(args.interpolate_classes), names)
+        return "classes", (args.seed,), (a, b)
+    if paired:  # the class of a conditioned model: --class_label (cond_inference.resolve_class)
+        return "seeds", tuple(args.interpolate_seeds), (None,)
+    if args.class_labels and len(args.class_labels) > 1:
+        raise UserError(f"--class-labels {' '.join(args.class_labels)}: an interpolation between seeds has one "
+                        f"class; give one")
+    labels = resolve_labels(args.class_labels, names)
+    return "seeds", tuple(args.interpolate_seeds), ((labels[0],) if labels is not None else (None,))
+
+
+def interpolation_tag(ckpt_tag):
+    """interpolation_<run>_<ckpt>[_ema]: the folder of a checkpoint's interpolations (the stems say the rest)."""
+    return f"interpolation_{animation.safe_part(ckpt_tag)}"
+
+
+def interpolation_folder(args, wpath):
+    """--output-dir, or samples/interpolation_<run>_<ckpt>[_ema]."""
+    tag = interpolation_tag(checkpoint_tag(args.ckpt, wpath, args.use_ema))
+    return Path(args.output_dir) if args.output_dir else Path("samples") / tag, tag
+
+
+def interpolate(args, model, info, wpath, task):
+    """--interpolate_seeds / --interpolate_classes: write <stem>.png (strip) and <stem>.gif once."""
+    d, names = info["diffusion"], info.get("class_names") or []
+    steps = resolve_steps(args, d)
+    mode, seeds, classes = interpolation_request(args, info, task)
+    k = int(info["train"].get("num_mask_classes", 2))
+    cond, extra = None, ""
+    if task in conditional.PAIRED_TASKS:
+        inputs, labels = cond_inference.single_condition(args, info)
+        cond, extra = cond_inference.encoded(inputs, 0), f"{inputs.conds[0].stem}_cond{args.cond_scale:g}"
+        classes = (labels[0],)
+    elif args.condition or args.class_label or args.cond_scale != 1.0:
+        raise UserError(f"--condition / --class_label / --cond-scale: {args.ckpt} is a {task} checkpoint without an image "
+                        f"condition; drop them")
+    out, _ = interpolation_folder(args, wpath)
+    stem = sampling.interpolation_stem(mode, seeds, [None if c is None else names[c] for c in classes], steps,
+                                       args.cfg_scale, args.interp_frames, extra)
+    png, gif = out / f"{stem}.png", out / f"{stem}.gif"
+    if int(os.environ.get("RANK", "0")) != 0:  # one strip: under torchrun, rank 0 makes it alone
+        return out
+    if png.exists() and gif.exists():
+        print(f"{png} and {gif} already exist; skipped (never overwritten)", flush=True)
+        return out
+    rt.check_writable(out)
+    device = rt.pick_device(args.device)
+    logger = rt.get_logger(None, 0, "ddpm.sample")
+    amp = rt.autocast_dtype(rt.resolve_precision(args.mixed_precision, device, logger))
+    model = model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    s = sampling.Settings("ddim", steps, args.cfg_scale, 0.0, args.cond_scale, args.batch_size, amp,
+                          args.channels_last)
+    start = time.perf_counter()
+    frames = sampling.interpolation_frames(sampling.make_diffusion(info, device), model, mode, seeds, classes, s,
+                                           args.interp_frames, task, k,
+                                           None if cond is None else cond.to(device))
+    png, gif, wrote = animation.write_interpolation(frames, out, stem)
+    logger.info(f"interpolation of {len(frames)} frames (ddim {steps} steps) in {time.perf_counter() - start:.1f} s: "
+                f"strip {png}, animation {gif}" + ("" if wrote else " (already there; not overwritten)"))
+    return out
+
+
 def sample(args):
     """Validate, then generate args.num_samples images over all ranks; returns the output folder."""
     for key, low in (("num_samples", 1), ("batch_size", 1)):
@@ -227,6 +365,10 @@ def sample(args):
             raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)} must be >= {low}")
     if args.cfg_scale < 0:
         raise UserError(f"--cfg-scale {args.cfg_scale} must be >= 0")
+    interpolating = args.interpolate_seeds is not None or args.interpolate_classes is not None
+    if interpolating:
+        check_interpolation_args(args)
+    args.sampler = args.sampler or ("ddim" if interpolating else "ddpm")
     model, info, wpath = load_model(args.ckpt, args.use_ema, args.trust_checkpoint)
     m, d = info["model"], info["diffusion"]
     class_names = info.get("class_names") or []
@@ -237,6 +379,8 @@ def sample(args):
         raise UserError(f"--image-size {args.image_size} disagrees with {args.ckpt}, which makes "
                         f"{m['img_size']}x{m['img_size']} images")
     task = task_of(info)
+    if interpolating:
+        return interpolate(args, model, info, wpath, task)
     if task in conditional.PAIRED_TASKS:
         return cond_inference.sample_conditional(args, model, info, wpath)
     given = [f"--{k.replace('_', '-')}" for k in COND_FLAGS if getattr(args, k)]
@@ -251,17 +395,15 @@ def sample(args):
     if masks and args.output_format != "png":
         raise UserError(f"--output_format {args.output_format}: a masks checkpoint writes label PNGs; drop the flag")
     labels = resolve_labels(args.class_labels, class_names if m["num_classes"] else [])
-    steps = args.sampling_steps or (d["noise_steps"] if args.sampler == "ddpm" else min(50, d["noise_steps"]))
-    if not 1 <= steps <= d["noise_steps"]:
-        raise UserError(f"--sampling-steps {steps} must be between 1 and the model's {d['noise_steps']} noise steps")
+    steps = resolve_steps(args, d)
     fmt = args.output_format
     try:  # None: 8-bit data, [0, 1] written
         window = writers.output_window(fmt, m["c_in"], info.get("intensity"), args.ckpt)
     except ValueError as e:
         raise UserError(str(e)) from None
-    ckpt_tag = f"{Path(args.ckpt).parent.name}_{Path(wpath).stem}{'_ema' if args.use_ema and wpath.name == 'train_state.pt' else ''}"
-    fmt_tag = "" if fmt == "png" else f"_{fmt}"  # png16 shares .png names: another format is another folder
-    out = Path(args.output_dir or f"samples/{ckpt_tag}_{args.sampler}{steps}_cfg{args.cfg_scale:g}_seed{args.seed}{fmt_tag}")
+    ckpt_tag = checkpoint_tag(args.ckpt, wpath, args.use_ema)
+    # png16 shares .png names: another format is another folder
+    out = Path(args.output_dir or f"samples/{samples_tag(ckpt_tag, args.sampler, steps, args.cfg_scale, args.seed, fmt)}")
     settings = {"model_type": MODEL_TYPE, "weights": str(Path(wpath).resolve()), "use_ema": bool(args.use_ema),
                 "sampler": args.sampler, "steps": steps, "eta": args.eta, "cfg_scale": args.cfg_scale,
                 "seed": args.seed, "class_subfolders": bool(args.class_subfolders)}
@@ -282,8 +424,9 @@ def sample(args):
     model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    diffusion = Diffusion(d["noise_steps"], d["beta_start"], d["beta_end"], m["img_size"], device, d["schedule"],
-                          m["c_in"], d.get("prediction_type") or "epsilon")
+    diffusion = sampling.make_diffusion(info, device)
+    s = sampling.Settings(args.sampler, steps, args.cfg_scale, args.eta, batch_size=args.batch_size,
+                          amp_dtype=amp_dtype, channels_last=args.channels_last)
     logger.info(f"loaded {wpath} ({describe(info)}, {count_parameters(model):,} parameters); world size {world}")
     if fmt in ("nifti", "dicom"):
         logger.info(f"{fmt} output in the training data's units: " + (
@@ -306,19 +449,13 @@ def sample(args):
     written, start = 0, time.perf_counter()
     for b in range(0, len(todo), args.batch_size):
         chunk = todo[b:b + args.batch_size]
-        y = torch.tensor([labels[i % len(labels)] for i in chunk], device=device) if labels is not None else None
-        imgs = diffusion.sample(model, len(chunk), labels=y, cfg_scale=args.cfg_scale, sampler=args.sampler,
-                                steps=steps, seeds=[args.seed + i for i in chunk], eta=args.eta, progress=False,
-                                autocast_dtype=amp_dtype, channels_last=args.channels_last,
-                                as_float=fmt != "png" or masks)
+        y = [labels[i % len(labels)] for i in chunk] if labels is not None else None
+        imgs = sampling.sample_batch(diffusion, model, [args.seed + i for i in chunk], y, s,
+                                     as_float=fmt != "png" or masks)
         for i, img in zip(chunk, imgs.cpu()):
-            if masks:  # label maps: 0/255 for binary masks, else the labels 0..K-1
-                lab = conditional.decode_mask(img[None] * 2 - 1, k)[0]
-                written += rt.save_png_once(Image.fromarray(conditional.mask_png(lab, k)), image_path(
+            if fmt == "png":  # masks: label maps, 0/255 for binary masks, else the labels 0..K-1
+                written += rt.save_png_once(sampling.png_image(img, task, k), image_path(
                     out, i, args.seed, labels, class_names, args.class_subfolders))
-            elif fmt == "png":
-                written += rt.save_png_once(rt.to_pil(img), image_path(out, i, args.seed, labels, class_names,
-                                                                       args.class_subfolders))
             else:
                 written += writers.write_image_once(img, target(i), fmt, window, description(
                     i, args.seed, labels, class_names, args, steps, ckpt_tag)) is not None

@@ -255,18 +255,23 @@ class UNet(nn.Module):
             cfg.update(cond_channels=self.cond_channels, cond_mode=self.cond_mode)
         return cfg
 
-    def embed(self, t, y=None):
-        """Time embedding, plus the class embedding for conditional models (y=None -> 'no class')."""
+    def embed(self, t, y=None, class_emb=None):
+        """Time embedding, plus the class embedding for conditional models (y=None -> 'no class').
+
+        class_emb (N, time_dim) replaces label_emb(y) (class interpolation: a mix of two classes' rows)."""
         emb = self.time_mlp(self.time_encoding(t, self.time_dim))
+        if class_emb is not None:
+            return emb + class_emb
         if self.num_classes is not None:
             if y is None:
                 y = torch.full((t.shape[0],), self.num_classes, device=t.device, dtype=torch.long)
             emb = emb + self.label_emb(y)
         return emb
 
-    def forward(self, x, t, y=None, cond=None):
-        """Noise prediction; cond = the encoded condition (N, cond_channels, H, W), None = the null condition."""
-        emb = self.embed(t, y)
+    def forward(self, x, t, y=None, cond=None, class_emb=None):
+        """Noise prediction; cond = the encoded condition (N, cond_channels, H, W), None = the null condition;
+        class_emb: see embed (None: the embedding of y)."""
+        emb = self.embed(t, y, class_emb)
         c = None
         if self.cond_channels:
             c = cond if cond is not None else x.new_zeros((x.shape[0], self.cond_channels, *x.shape[-2:]))
@@ -494,19 +499,34 @@ class Diffusion:
         return torch.randint(0, self.noise_steps, (n,), generator=generator, device=device or self.device)
 
     # ---- sampling
-    def _eps(self, model, x, t, labels, cfg_scale, dtype, cond=None, cond_scale=1.0):
+    def initial_noise(self, seeds, channels, device="cpu"):
+        """x_T of per-image seeds: exactly the first draw sample() makes for them (seed interpolation)."""
+        shape = (channels, self.img_size, self.img_size)
+        return torch.stack([torch.randn(shape, generator=torch.Generator(device=device).manual_seed(int(s)),
+                                        device=device) for s in seeds])
+
+    def _eps(self, model, x, t, labels, cfg_scale, dtype, cond=None, cond_scale=1.0, class_emb=None):
         """Noise prediction, with classifier-free guidance when labels are given and cfg_scale != 1 (and on the
-        condition when one is given and cond_scale != 1)."""
+        condition when one is given and cond_scale != 1). class_emb (N, time_dim) stands in for the class
+        embedding of `labels` in the conditional branch; the unconditional branch stays the "no class" token."""
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         if cond is not None:
             return self._eps_conditioned(model, x, tt, labels, cfg_scale, dtype, cond, cond_scale)
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-            if labels is None or not getattr(model, "num_classes", None):
+            if class_emb is not None:
+                if cfg_scale == 1:
+                    return model(x, tt, class_emb=class_emb).float()
+                null = model.label_emb(torch.full((x.shape[0],), model.num_classes, device=x.device,
+                                                  dtype=torch.long))
+                out = model(torch.cat([x, x]), torch.cat([tt, tt]),
+                            class_emb=torch.cat([class_emb.to(null.dtype), null])).float()
+            elif labels is None or not getattr(model, "num_classes", None):
                 return model(x, tt).float()
-            if cfg_scale == 1:
+            elif cfg_scale == 1:
                 return model(x, tt, labels).float()
-            null = torch.full_like(labels, model.num_classes)
-            out = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null])).float()
+            else:
+                null = torch.full_like(labels, model.num_classes)
+                out = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null])).float()
         cond, uncond = out.chunk(2)
         return uncond + cfg_scale * (cond - uncond)
 
@@ -540,14 +560,17 @@ class Diffusion:
     @torch.no_grad()
     def sample(self, model, n, labels=None, cfg_scale=3, sampler="ddpm", steps=None, seeds=None, eta=None,
                log_time=False, progress=True, autocast_dtype=None, channels_last=False, as_float=False, cond=None,
-               cond_scale=1.0):
+               cond_scale=1.0, x_init=None, class_emb=None):
         """Generate n images; returns uint8 (n, C, H, W), or float32 in [0, 1] with as_float (16-bit / NIfTI output).
 
         sampler 'ddpm': ancestral sampling with the posterior variance (eta=1 on a respaced grid);
         sampler 'ddim': deterministic DDIM (eta=0) unless eta is given. steps defaults to all noise steps
         for ddpm and 50 for ddim. seeds: one int per image; image i's noise comes only from seeds[i], so
         the same seed gives the same image at any batch size. cond: the encoded condition (n, Cc, H, W) of an
-        image-conditioned model (conditional.encode_condition), guided by cond_scale (1 = none, 0 = ignored)."""
+        image-conditioned model (conditional.encode_condition), guided by cond_scale (1 = none, 0 = ignored).
+        Interpolation hooks: x_init (n, C, H, W) is the initial noise instead of the seeds' draws (the seeds
+        still give any later noise, eta > 0); class_emb (n, time_dim) replaces the class embedding of `labels`
+        (model.label_emb rows; their mixes for class interpolation). Both None: the plain sampler."""
         from tqdm import tqdm
 
         if sampler not in ("ddpm", "ddim"):
@@ -570,8 +593,18 @@ class Diffusion:
             cond = torch.as_tensor(cond, device=device).float()
             if cond.shape[0] != n:
                 raise ValueError(f"got {cond.shape[0]} conditions for {n} images")
+        if class_emb is not None:
+            if cond is not None or not getattr(model, "num_classes", None):
+                raise ValueError("class_emb needs a class-conditional model without an image condition")
+            class_emb = torch.as_tensor(class_emb, device=device)
+            if class_emb.shape != (n, model.time_dim):
+                raise ValueError(f"class_emb has shape {tuple(class_emb.shape)}; expected ({n}, {model.time_dim})")
         gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
         shape = (channels, self.img_size, self.img_size)
+        if x_init is not None:
+            x_init = torch.as_tensor(x_init, device=device).float()
+            if x_init.shape != (n, *shape):
+                raise ValueError(f"x_init has shape {tuple(x_init.shape)}; expected {(n, *shape)}")
 
         def noise():
             return torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
@@ -581,11 +614,11 @@ class Diffusion:
         ts = sampling_timesteps(self.noise_steps, steps)
         ah = self.alpha_hat64.to(device)
         start = time.perf_counter()
-        x = noise()
+        x = noise() if x_init is None else x_init.clone()
         for i, t in enumerate(tqdm(ts, desc=f"{sampler} sampling", disable=not progress, leave=False)):
             xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
             c = cond.contiguous(memory_format=torch.channels_last) if channels_last and cond is not None else cond
-            eps = self._eps(model, xin, t, labels, cfg_scale, autocast_dtype, c, cond_scale).double()
+            eps = self._eps(model, xin, t, labels, cfg_scale, autocast_dtype, c, cond_scale, class_emb).double()
             a_t = ah[t]
             if self.prediction_type == "v_prediction":  # v -> epsilon (linear, so guidance may act on v)
                 eps = (1 - a_t).sqrt() * x.double() + a_t.sqrt() * eps

@@ -13,6 +13,7 @@ One process (GPU or CPU) or torchrun DDP (nccl on GPU, gloo on CPU). Writes, und
     models/<run_name>/train_state.pt         everything --resume needs (optimizer, EMA, step, RNG, config)
     models/<run_name>/config.json            architecture + class names, read by inference.py
     models/<run_name>/log.txt, results/<run_name>/*.png (sample grids), runs/<run_name>/ (TensorBoard)
+    results/<run_name>/progress.gif           the sample grids animated (same seeds every time), rebuilt per grid
 The spec's entry points (ddpm.py, ddpm_conditional.py, ddpm_conditional_ddp.py) call train() below.
 Everything that is not DDPM-specific (flags, checkpoint I/O, seeds, precision, stop flags, EMA) is the
 vendored runtime.py.
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import animation
 import conditional as cond_lib
 import medical
 import runtime as rt
@@ -511,6 +513,9 @@ def sample_grid(diffusion, model, cfg, step, epoch, paths, writer, device, preci
         writer.add_image("samples_ema", grid, step)
     t = diffusion.last_timing
     logger.info(f"sample grid -> {path} ({t['images']} images x {t['steps']} steps in {t['seconds']:.1f} s)")
+    # the grids of epochs <= this one (a resumed run keeps its earlier ones; an older, longer run's are left out)
+    animation.refresh_progress_gif(paths["results"], r"epoch(\d+)_ema\.png", "epoch",
+                                   paths["results"] / "progress.gif", upto=epoch + 1, log=logger)
 
 
 def log_header(logger, cfg, dataset, model, ema, world, device, per_epoch):
@@ -564,6 +569,7 @@ def train(args):
 
     last_saved, last_good = step, f"{paths['state']} (step {step})" if step else "none written yet"
     speed, losses = rt.Throughput(), []
+    epoch = start_epoch
     with rt.StopFlags(cfg["max_minutes"], device) as stop:
         for epoch in range(start_epoch, cfg["num_epochs"]):
             if step >= total:
@@ -603,7 +609,8 @@ def train(args):
             if rank == 0 and cfg["sample_every_epochs"] and (epoch + 1) % cfg["sample_every_epochs"] == 0:
                 sample_grid(diffusion, ema.model, cfg, step, epoch, paths, writer, device, precision, logger, dataset)
             rt.barrier()
-    logger.info(f"training finished: {step} steps, {cfg['num_epochs']} epochs. Checkpoints: {paths['ckpt']}, "
+    logger.info(f"training finished: {step} steps, epoch {min(epoch + 1, cfg['num_epochs'])} of {cfg['num_epochs']}. "
+                f"Checkpoints: {paths['ckpt']}, "
                 f"{paths['ema']} (resume state {paths['state']})")
     return finish(writer, paths["run"])
 

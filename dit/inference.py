@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
+import animation
 import writers
 from diffusion import create_diffusion
 from download import PRETRAINED, download_model, pretrained_name
@@ -31,6 +33,7 @@ from utils import load_vae
 
 # The class labels the official sample.py shows for ImageNet models.
 OFFICIAL_EXAMPLE_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
+INTERP_STEPS = 50  # DDIM steps of an interpolation unless --num-sampling-steps says otherwise
 
 
 def add_model_args(p):
@@ -46,10 +49,12 @@ def add_model_args(p):
                    help="default: the checkpoint's; an error if it contradicts the checkpoint")
     p.add_argument("--vae", default=None,
                    help="ema | mse | <hub id> | <folder>; default: the training VAE (mse for official weights)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
-                   help="respaced ancestral DDPM (the paper's) or DDIM (deterministic with --eta 0)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None,
+                   help="respaced ancestral DDPM (the paper's; the default) or DDIM (deterministic with --eta 0; "
+                        "always for an interpolation)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
-    p.add_argument("--num-sampling-steps", type=int, default=250)
+    p.add_argument("--num-sampling-steps", type=int, default=None,
+                   help="default 250 (sample.py: 50 for an interpolation)")
     p.add_argument("--cfg-channels", choices=["auto", "3", "all"], default="auto",
                    help="eps channels that CFG guides: 3 = the official code's rule (its published FIDs), "
                         "all = standard CFG; auto = 3 for official weights, all for our checkpoints")
@@ -61,7 +66,16 @@ def add_model_args(p):
 
 
 def check_sampling_args(args):
-    """Range checks of the shared flags (before anything heavy)."""
+    """Range checks of the shared flags (before anything heavy); fills in the sampler and step defaults."""
+    interp = bool(getattr(args, "interpolate_seeds", None) or getattr(args, "interpolate_classes", None))
+    if interp and args.sampler == "ddpm":
+        raise UserError("an interpolation is sampled with deterministic DDIM: leave out --sampler ddpm")
+    if interp and args.eta:
+        raise UserError("an interpolation is sampled with deterministic DDIM (eta 0): leave out --eta")
+    if args.sampler is None:
+        args.sampler = "ddim" if interp else "ddpm"
+    if args.num_sampling_steps is None:
+        args.num_sampling_steps = INTERP_STEPS if interp else 250
     if args.image_size is not None and (args.image_size <= 0 or args.image_size % 8):
         raise UserError("--image-size must be a positive multiple of 8")
     if args.num_classes is not None and args.num_classes < 1:
@@ -115,6 +129,7 @@ def load_for_sampling(args, device, logger):
         p = Path(args.ckpt)
         meta["ckpt_tag"] = f"{p.parent.parent.name}-{p.stem}" if p.parent.name == "checkpoints" else p.stem
         meta["source"] = src
+        meta["step"] = ckpt.get("step") if isinstance(ckpt.get("step"), int) else None
         mtype = ckpt.get("model_type")
         if mtype is not None and mtype != "dit":
             raise UserError(f"{src} is a checkpoint of the '{mtype}' model, not of DiT: use the {mtype}/ "
@@ -173,7 +188,7 @@ def load_for_sampling(args, device, logger):
     return model, vae, vinfo, meta
 
 
-def parse_class_labels(tokens, meta):
+def parse_class_labels(tokens, meta, flag="--class-labels"):
     """--class-labels values (indices or class names) -> list of ints; default: all classes."""
     names, k = meta["class_names"], meta["num_classes"]
     if not tokens:
@@ -184,29 +199,42 @@ def parse_class_labels(tokens, meta):
         if tok.lstrip("-").isdigit():
             lab = int(tok)
             if not 0 <= lab < k:
-                raise UserError(f"--class-labels {lab} is out of range: the model has {k} classes (0..{k - 1})")
+                raise UserError(f"{flag} {lab} is out of range: the model has {k} classes (0..{k - 1})")
         elif tok in names:
             lab = names.index(tok)
         else:
             shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
-            raise UserError(f"--class-labels {tok}: unknown class name; valid: {shown} (or 0..{k - 1})")
+            raise UserError(f"{flag} {tok}: unknown class name; valid: {shown} (or 0..{k - 1})")
         labels.append(lab)
     return labels
 
 
 # ----------------------------------------------------------------------------- sampling
-def settings_tag(args, meta, vinfo, seed):
-    """Folder name carrying everything that changes the images."""
+def _model_tag(meta, vinfo):
+    """The part of a folder name that names the weights: checkpoint, image size, VAE."""
     vae = Path(vinfo["vae"]).name if os.path.isabs(vinfo["vae"]) else vinfo["vae"].replace("/", "-")
-    guide = "-cfgch3" if args.cfg_channels == "3" else "-cfgchall" if args.cfg_channels == "all" else ""
-    eta = f"-eta{args.eta:g}" if args.sampler == "ddim" and args.eta else ""
     model = meta["model"].replace("/", "-")
     # Our checkpoints are tagged like 000-DiT-B-2-0050000: the model name is in there already.
     head = meta["ckpt_tag"] if model in meta["ckpt_tag"] else f"{model}-{meta['ckpt_tag']}"
+    return f"{head}-size-{meta['image_size']}-vae-{vae}"
+
+
+def _guide_tag(args):
+    return "-cfgch3" if args.cfg_channels == "3" else "-cfgchall" if args.cfg_channels == "all" else ""
+
+
+def settings_tag(args, meta, vinfo, seed):
+    """Folder name carrying everything that changes the images."""
+    eta = f"-eta{args.eta:g}" if args.sampler == "ddim" and args.eta else ""
     fmt = getattr(args, "output_format", "png")
     fmt = "" if fmt == "png" else f"-{fmt}"  # png16 shares .png names: another format is another folder
-    return (f"{head}-size-{meta['image_size']}-vae-{vae}"
-            f"-cfg-{args.cfg_scale:g}{guide}-{args.sampler}{args.num_sampling_steps}{eta}-seed-{seed}{fmt}")
+    return (f"{_model_tag(meta, vinfo)}-cfg-{args.cfg_scale:g}{_guide_tag(args)}"
+            f"-{args.sampler}{args.num_sampling_steps}{eta}-seed-{seed}{fmt}")
+
+
+def interpolation_tag(args, meta, vinfo):
+    """Folder of the interpolations of one checkpoint (seeds, classes, steps, cfg and frames name the files)."""
+    return f"interpolation_{_model_tag(meta, vinfo)}{_guide_tag(args)}"
 
 
 def make_sampler(args):
@@ -221,19 +249,35 @@ def guide_all(model, args, meta):
     return args.cfg_channels == "auto" and not meta.get("official_arch_rule", False)
 
 
+def initial_noise(model, seed, device="cpu"):
+    """The initial latent of the image with this seed (the first draw of its own generator)."""
+    device = torch.device(device)
+    g = torch.Generator(device).manual_seed(int(seed))
+    return torch.randn((model.in_channels, model.input_size, model.input_size), generator=g, device=device)
+
+
 @torch.no_grad()
 def sample_latents(model, diffusion, labels, seeds, cfg_scale, sampler="ddpm", eta=0.0, device="cpu",
-                   precision="no", guide_all_channels=False, progress=False):
-    """Latents for (label, seed) pairs; each sample draws all its noise from its own seeded generator."""
+                   precision="no", guide_all_channels=False, progress=False, noise=None, class_emb=None):
+    """Latents for (label, seed) pairs; each sample draws all its noise from its own seeded generator.
+
+    Interpolation: `noise` (N, C, H, W) replaces the seeds' initial latents, `class_emb` (N, D) replaces the
+    labels' rows of the class table (the null row of the unconditional half stays the table's)."""
     device = torch.device(device)
     gens = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
     shape = (model.in_channels, model.input_size, model.input_size)
-    z = torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
-    y = torch.tensor(labels, device=device)
+    if noise is None:
+        z = torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
+    else:
+        z = noise.to(device)
+        for g in gens:  # the generators continue as after their own initial draw (DDPM / eta > 0 steps)
+            torch.randn(shape, generator=g, device=device)
+    y = torch.tensor(labels, device=device) if class_emb is None else class_emb.to(device)
     if cfg_scale != 1.0:
         # Batch [cond; uncond] with the null class; forward_with_cfg mixes the two halves.
         z = torch.cat([z, z])
-        y = torch.cat([y, torch.full_like(y, model.num_classes)])
+        null = torch.full((len(seeds),), model.num_classes, dtype=torch.long, device=device)
+        y = torch.cat([y, null if class_emb is None else model.y_embedder.embedding_table(null)])
         fn, kwargs = model.forward_with_cfg, {"y": y, "cfg_scale": cfg_scale,
                                               "guide_all_channels": guide_all_channels}
     else:
@@ -245,7 +289,72 @@ def sample_latents(model, diffusion, labels, seeds, cfg_scale, sampler="ddpm", e
         else:
             out = diffusion.p_sample_loop(fn, z.shape, z, clip_denoised=False, model_kwargs=kwargs,
                                           device=device, progress=progress, generators=gens)
-    return out[: len(labels)].float()
+    return out[: len(seeds)].float()
+
+
+def image_jobs(labels, seed, num_samples):
+    """(label, seed) of image i = 0 .. N-1: class labels[i mod len(labels)], seed + i (sample.py's rule)."""
+    return [(labels[i % len(labels)], seed + i) for i in range(num_samples)]
+
+
+def sample_batches(model, diffusion, jobs, args, device, precision, guide_all_channels, progress=True):
+    """(jobs, latents) per --batch-size jobs, in order: the one sampling loop of sample.py and serve.py.
+
+    Same jobs and batch size, same bits: on CPU a batch of several images differs from the same images
+    sampled alone in the last float bits (GEMM blocking), so the server batches exactly as the CLI does."""
+    steps = range(0, len(jobs), args.batch_size)
+    for i in tqdm(steps, desc="batches", disable=not progress or not jobs):
+        batch = jobs[i:i + args.batch_size]
+        yield batch, sample_latents(model, diffusion, [b[0] for b in batch], [b[1] for b in batch], args.cfg_scale,
+                                    args.sampler, args.eta, device, precision, guide_all_channels)
+
+
+def render_png(vae, vinfo, latents, meta):
+    """Latents -> PIL images exactly as the png output writes them (8-bit; 'L' for grayscale models)."""
+    return [to_pil(img) for img in decode_to_uint8(vae, vinfo, latents, meta.get("grayscale", False))]
+
+
+def interpolation_stem(args, meta, mode, seeds, labels, frames):
+    """<stem> of an interpolation's .png / .gif: seeds, class names, ddim<steps>, cfg and frames."""
+    names = [meta["class_names"][lab] for lab in labels]
+    return animation.interpolation_stem(mode, seeds, names, "ddim", args.num_sampling_steps, args.cfg_scale, frames)
+
+
+def interpolation_frames(model, vae, vinfo, meta, mode, seeds, labels, frames, args, device, precision, guide):
+    """PIL frames t = 0 .. 1 of a seed interpolation (seeds (A, B), labels (c,): slerp of the two initial
+    noises) or a class interpolation (seeds (S,), labels (a, b): (1-t) e[a] + t e[b] of the class table rows),
+    sampled with deterministic DDIM (eta 0), args.num_sampling_steps steps and args.cfg_scale.
+
+    The two end points are sampled and decoded alone, the way sample.py makes the image of that seed with
+    --num-samples 1, so they are bit-identical to it; the frames between are batched (--batch-size)."""
+    diffusion = make_sampler(args)
+    inner = animation.interp_weights(frames)[1:-1]
+
+    def run(labs, sds, **override):
+        z = sample_latents(model, diffusion, labs, sds, args.cfg_scale, "ddim", 0.0, device, precision, guide,
+                           **override)
+        return render_png(vae, vinfo, z, meta)
+
+    if mode == "seeds":
+        (a, b), (c,) = seeds, labels
+        first, last = run([c], [a]), run([c], [b])
+        za, zb = initial_noise(model, a, device), initial_noise(model, b, device)
+    elif mode == "classes":
+        (s,), (a, b) = seeds, labels
+        first, last = run([a], [s]), run([b], [s])
+        table = model.y_embedder.embedding_table.weight.detach()
+    else:
+        raise ValueError(f"unknown interpolation mode {mode!r}")
+    middle = []
+    for i in range(0, len(inner), args.batch_size):
+        ts = inner[i:i + args.batch_size]
+        if mode == "seeds":
+            noise = torch.stack([animation.slerp(za, zb, t) for t in ts])
+            middle += run([c] * len(ts), [a] * len(ts), noise=noise)
+        else:  # the noise of seed S for every frame; only the class embedding moves
+            emb = torch.stack([animation.lerp(table[a], table[b], t) for t in ts])
+            middle += run([a] * len(ts), [s] * len(ts), class_emb=emb)
+    return first + middle + last
 
 
 @torch.no_grad()
@@ -286,19 +395,13 @@ def description(meta, class_name, seed, args):
 
 def write_images(vae, vinfo, z, meta, jobs, fmt, window, args):
     """Decode latents and write each image once: jobs are (class name, seed, .png path) per latent; png keeps
-    the 8-bit path (decode_to_uint8 + save_image_once), other formats go through writers.write_image_once."""
+    the 8-bit path (render_png + save_png_once), other formats go through writers.write_image_once."""
     if fmt == "png":
-        for (_, _, path), img in zip(jobs, decode_to_uint8(vae, vinfo, z, meta.get("grayscale", False))):
-            save_image_once(img, path)
+        for (_, _, path), img in zip(jobs, render_png(vae, vinfo, z, meta)):
+            save_png_once(img, path)
         return
     for (name, seed, path), img in zip(jobs, decode_to_float(vae, vinfo, z, meta.get("grayscale", False))):
         writers.write_image_once(img, path, fmt, window, description(meta, name, seed, args))
-
-
-def save_image_once(image, path):
-    """Write a (C, H, W) uint8 image as PNG (1 channel stays grayscale) unless path exists (runtime's
-    write-once rule: a rerun completes an interrupted run and never overwrites); False if it existed."""
-    return save_png_once(to_pil(image), path)
 
 
 def image_path(folder, class_name, seed, subfolders=True):
@@ -343,9 +446,9 @@ def write_npz(paths, npz_path, chunk=256):
     return npz_path
 
 
-def resolve_device_precision(requested):
+def resolve_device_precision(requested, device="auto"):
     """(device, precision) for sampling on one process."""
-    device = pick_device("auto")
+    device = pick_device(device)
     setup_cuda_speedups(device)
     return device, resolve_precision(requested, device)
 

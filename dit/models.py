@@ -86,7 +86,12 @@ class LabelEmbedder(nn.Module):
         return torch.where(drop, self.num_classes, labels)
 
     def forward(self, labels, train, force_drop_ids=None):
-        """(N,) labels -> (N, D); drops labels while training when dropout_prob > 0."""
+        """(N,) labels -> (N, D); drops labels while training when dropout_prob > 0.
+
+        (N, D) floating-point `labels` are class embeddings already (rows of the table, or a mix of rows for
+        class interpolation) and pass through unchanged: no parameter is added, the state dict stays official."""
+        if labels.is_floating_point():
+            return labels
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids)
         return self.embedding_table(labels)
@@ -218,7 +223,7 @@ class DiT(nn.Module):
         return x.reshape(n, c, h * p, w * p)
 
     def forward(self, x, t, y):
-        """x (N, C, H, W) latents, t (N,) timesteps, y (N,) labels -> (N, C_out, H, W)."""
+        """x (N, C, H, W) latents, t (N,) timesteps, y (N,) labels or (N, D) class embeddings -> (N, C_out, H, W)."""
         x = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
         for block in self.blocks:

@@ -8,8 +8,9 @@ DICOM / NIfTI / 16-bit class folders: `--intensity-window -160,240` (a preset, p
 default), `--slice-axis`, `--slice-range` (medical.py); the window is fitted once on the data and stored in
 every checkpoint (config["intensity"]), so sampling can write NIfTI / DICOM in the data's units.
 
-Runs go to numbered folders (results/000-DiT-B-2/) with log.txt, tensorboard/ and
-checkpoints/0050000.pt (plain dicts: model, ema, opt, args, step, ... -> loadable with weights_only).
+Runs go to numbered folders (results/000-DiT-B-2/) with log.txt, tensorboard/,
+checkpoints/0050000.pt (plain dicts: model, ema, opt, args, step, ... -> loadable with weights_only) and the
+sample grids as samples/step_0050000.png plus progress.gif (all grids so far, same seeds: training as a film).
 The plumbing (flags, logging, torchrun setup, precision, checkpoint files, seeds, stop flags, EMA) is the
 shared runtime.py; this file holds DiT's loop and what only DiT needs (run folders, the latent cache).
 """
@@ -20,6 +21,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+import animation
 import medical
 import torch
 import torch.distributed as dist
@@ -395,7 +397,8 @@ def make_writer(run_dir, rank):
 
 @torch.no_grad()
 def log_sample_grid(writer, ema, vae, info, classes, latent_size, step, device):
-    """A TensorBoard grid from the EMA model: one image per class (<= 16), 25 DDIM steps, CFG 4."""
+    """A TensorBoard grid from the EMA model: one image per class (<= 16), 25 DDIM steps, CFG 4 -> the grid
+    (C, H, W) in [0, 1]."""
     from torchvision.utils import make_grid
     n = min(len(classes), 16)
     g = torch.Generator(device).manual_seed(0)
@@ -408,7 +411,9 @@ def log_sample_grid(writer, ema, vae, info, classes, latent_size, step, device):
                                      model_kwargs={"y": torch.cat([y, torch.full_like(y, ema.num_classes)]),
                                                    "cfg_scale": 4.0}, device=device)[:n]
     img = vae.decode(out / info["scaling_factor"] + info["shift_factor"]).sample.clamp(-1, 1) * 0.5 + 0.5
-    writer.add_image("samples/ema_ddim25_cfg4", make_grid(img.float().cpu(), nrow=min(n, 8)), step)
+    grid = make_grid(img.float().cpu(), nrow=min(n, 8))
+    writer.add_image("samples/ema_ddim25_cfg4", grid, step)
+    return grid
 
 
 # ----------------------------------------------------------------------------- main
@@ -483,7 +488,8 @@ def main(args):
                                             position, device, logger)
                 saved = step
             if writer and grid_every and step % grid_every == 0:
-                log_sample_grid(writer, ema.model, vae, info, dataset.classes, latent_size, step, device)
+                grid = log_sample_grid(writer, ema.model, vae, info, dataset.classes, latent_size, step, device)
+                animation.save_progress_frame(grid, run_dir, step, gray=info["image_channels"] == 1, log=logger)
             reason = stop.should_stop(step)  # SIGTERM or --max-minutes: checkpoint this step, exit 0
             if reason:
                 if saved != step:

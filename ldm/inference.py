@@ -13,6 +13,15 @@ what is missing. The model is rebuilt from the checkpoint (EMA weights unless --
 --output_format png16 | nifti | dicom (writers.py) writes <class_name>_seed<S>.png / .nii.gz / .dcm
 instead; nifti and dicom map the image back to physical units (e.g. HU) through the intensity window
 stored in the checkpoint.
+
+Interpolation (deterministic DDIM, eta 0; --num_inference_steps and --cfg_scale as above):
+    python inference.py --checkpoint ./ldm_checkpoints/checkpoint_best.pt --interpolate_seeds 3 9 \
+        --class_label "class_name" --interp_frames 8          # slerp of the initial noise of seeds 3 and 9
+    python inference.py --checkpoint ./ldm_checkpoints/checkpoint_best.pt --interpolate_classes cls_a cls_b \
+        --seed 42                                             # class token (1-t) e[a] + t e[b], noise of seed 42
+write <output_dir>/interpolation_<checkpoint>[_raw]/<stem>.png (the frames side by side) and <stem>.gif,
+stem = interp_seeds3-9_<class>_ddim50_cfg3_f8 or interp_classes_<a>-<b>_seed42_ddim50_cfg3_f8. The seeds
+are per-image seeds (those in <class>_seed<S>.png): frame 0 is that plain sample, the last frame the other.
 """
 import time
 from pathlib import Path
@@ -21,9 +30,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+import animation
 import writers
 from imaging import decode_image
-from models import SCHEDULERS, denoiser_from_checkpoint, load_vae, sample_images
+from models import SCHEDULERS, denoiser_from_checkpoint, initial_noise, load_vae, sample_images
 from runtime import (FlagParser, UserError, autocast, check_writable, pick_device, resolve_precision, run_main,
                      save_png_once, save_png_replace, setup_cuda_speedups, to_pil)
 from utils import load_checkpoint
@@ -92,8 +102,29 @@ def float_to_pil(img):
     return to_pil((img.clamp(0, 1) * 255).round().to(torch.uint8))
 
 
+def sample_tag(checkpoint, scheduler, steps, cfg_scale, seed, no_ema=False):
+    """The output sub-folder of plain samples: every setting that changes the images is in the name."""
+    return f"{Path(checkpoint).stem}_{scheduler}{steps}_cfg{cfg_scale:g}_seed{seed}{'_raw' if no_ema else ''}"
+
+
+def interpolation_tag(checkpoint, no_ema=False):
+    """The output sub-folder of interpolations (the stem names seeds, classes, steps, guidance, frames)."""
+    return f"interpolation_{animation.safe_part(Path(checkpoint).stem)}{'_raw' if no_ema else ''}"
+
+
+def interpolation_name(mode, names, class_a, class_b, seed_a, seed_b, steps, cfg_scale, frames):
+    """animation.interpolation_stem for an LDM interpolation (always deterministic DDIM)."""
+    if mode == "seeds":
+        return animation.interpolation_stem("seeds", (seed_a, seed_b), (names[class_a],), "ddim", steps,
+                                            cfg_scale, frames)
+    return animation.interpolation_stem("classes", (seed_a,), (names[class_a], names[class_b]), "ddim", steps,
+                                        cfg_scale, frames)
+
+
 class Generator:
-    """Loaded model + VAE + settings; `run(jobs)` writes the images of [(class_idx, seed, path)] in batches."""
+    """Loaded model + VAE + settings; `run(jobs)` writes the images of [(class_idx, seed, path)] in batches.
+
+    `images()` and `interpolation()` return the same images as PIL (serve.py calls them: one code path)."""
 
     def __init__(self, args, log=print):
         self.args, self.log = args, log
@@ -127,7 +158,7 @@ class Generator:
 
     def setup(self):
         """Move to the device, build the denoiser (heavy part, after all checks)."""
-        self.device = pick_device("auto")
+        self.device = pick_device(getattr(self.args, "device", "auto"))
         setup_cuda_speedups(self.device)
         prec = resolve_precision(self.args.mixed_precision, self.device)
         self.autocast = (lambda: autocast(prec, self.device)) if prec != "no" else None  # a factory: single-use contexts
@@ -141,10 +172,63 @@ class Generator:
                  f"sampler {self.args.scheduler} {self.args.num_inference_steps} steps, cfg {self.args.cfg_scale}, "
                  f"device {self.device}, precision {prec}")
 
+    def sample(self, classes, seeds, scheduler=None, steps=None, cfg_scale=None, latents=None,
+               class_embeddings=None):
+        """One batch: class indices + per-image seeds -> float images (B, C, H, W) in [0, 1] on the CPU.
+
+        scheduler / steps / cfg_scale default to the flags; latents / class_embeddings: interpolation."""
+        a, c = self.args, self.ckpt
+        return sample_images(self.denoiser, self.vae, list(classes), list(seeds), latent_channels=self.latent_channels,
+                             latent_size=self.latent_size, scaling_factor=c["vae_scaling_factor"],
+                             image_channels=c["image_channels"], noise_config=c["noise_scheduler_config"],
+                             scheduler=scheduler or a.scheduler,
+                             num_steps=steps if steps is not None else a.num_inference_steps,
+                             cfg_scale=cfg_scale if cfg_scale is not None else a.cfg_scale, device=self.device,
+                             autocast=self.autocast, latents=latents, class_embeddings=class_embeddings).cpu()
+
+    def images(self, classes, seeds, **settings):
+        """Any number of images in batches of --batch_size -> list of 8-bit PIL images (what the CLI writes)."""
+        out, bs = [], self.args.batch_size
+        for i in range(0, len(seeds), bs):
+            out += [float_to_pil(x) for x in self.sample(classes[i:i + bs], seeds[i:i + bs], **settings)]
+        return out
+
+    @torch.no_grad()
+    def interpolation(self, mode, class_a, seed_a, class_b=None, seed_b=None, frames=8, steps=None,
+                      cfg_scale=None):
+        """Frames (8-bit PIL) of a seed or class interpolation, deterministic DDIM (eta 0).
+
+        mode "seeds": slerp between the initial noises of per-image seeds seed_a and seed_b, class class_a;
+        mode "classes": (1-t) e[class_a] + t e[class_b] as the class token, noise of seed_a. The end points
+        are sampled in batches of their own (one image, as a plain one-image run) so that frame 0 and frame
+        N-1 are bit for bit the plain samples of seed_a / seed_b (class_a / class_b)."""
+        ts = animation.interp_weights(frames)
+        shape = (self.latent_channels, self.latent_size, self.latent_size)
+        if mode == "seeds":
+            z0, z1 = initial_noise([seed_a], shape)[0], initial_noise([seed_b], shape)[0]
+            noise = torch.stack([animation.slerp(z0, z1, t) for t in ts])
+            tokens = None
+        elif mode == "classes":
+            noise = initial_noise([seed_a], shape).expand(frames, *shape).clone()
+            emb = self.denoiser.class_embedder
+            e0, e1 = (emb(torch.tensor([k], device=self.device)).cpu() for k in (class_a, class_b))
+            tokens = torch.cat([animation.lerp(e0, e1, t) for t in ts])
+        else:
+            raise ValueError(f"unknown interpolation mode {mode!r}")
+        bs, n = self.args.batch_size, frames
+        groups = [[0]] + [list(range(i, min(i + bs, n - 1))) for i in range(1, n - 1, bs)] + [[n - 1]]
+        out = []
+        for idx in groups:
+            x = self.sample([class_a] * len(idx), [seed_a] * len(idx), scheduler="ddim", steps=steps,
+                            cfg_scale=cfg_scale, latents=noise[idx],
+                            class_embeddings=None if tokens is None else tokens[idx])
+            out += [float_to_pil(img) for img in x]
+        return out
+
     def run(self, jobs):
         """Generate the missing images of `jobs`; return (written, batches, seconds)."""
         from tqdm import tqdm
-        a, c = self.args, self.ckpt
+        a = self.args
         todo = [j for j in jobs if not self.target(j[2]).exists()]
         if len(todo) < len(jobs):
             self.log(f"{len(jobs) - len(todo)} of {len(jobs)} images already exist; generating the other {len(todo)}")
@@ -152,12 +236,7 @@ class Generator:
         bar = tqdm(total=len(todo), desc="sampling", unit="img", dynamic_ncols=True)
         for i in range(0, len(todo), a.batch_size):
             chunk = todo[i:i + a.batch_size]
-            imgs = sample_images(self.denoiser, self.vae, [j[0] for j in chunk], [j[1] for j in chunk],
-                                 latent_channels=self.latent_channels, latent_size=self.latent_size,
-                                 scaling_factor=c["vae_scaling_factor"], image_channels=c["image_channels"],
-                                 noise_config=c["noise_scheduler_config"], scheduler=a.scheduler,
-                                 num_steps=a.num_inference_steps, cfg_scale=a.cfg_scale, device=self.device,
-                                 autocast=self.autocast)
+            imgs = self.sample([j[0] for j in chunk], [j[1] for j in chunk])
             for img, (cls, seed, path) in zip(imgs, chunk):
                 if self.fmt == "png":
                     written += save_png_once(float_to_pil(img), path)  # never overwrites a concurrent run's file
@@ -201,23 +280,79 @@ def write_grid(rows_of_paths, image_channels, path, fmt="png"):
     return path
 
 
+def add_interpolation_flags(p):
+    """--interpolate_seeds A B / --interpolate_classes A B / --interp_frames N (both spellings)."""
+    p.add_argument("--interpolate_seeds", type=int, nargs=2, metavar=("A", "B"), default=None,
+                   help="interpolate the initial noise of per-image seeds A and B (slerp; class: --class_label)")
+    p.add_argument("--interpolate_classes", nargs=2, metavar=("A", "B"), default=None,
+                   help="interpolate the class embedding between class names A and B (noise of --seed)")
+    p.add_argument("--interp_frames", type=int, default=8, help="interpolation frames, both end points included")
+
+
+def check_interpolation_args(a):
+    """The interpolation flags' own rules, named."""
+    if a.interpolate_seeds is not None and a.interpolate_classes is not None:
+        raise UserError("give either --interpolate_seeds or --interpolate_classes, not both")
+    if a.interp_frames < 2:
+        raise UserError("--interp_frames must be >= 2 (both end points are frames)")
+    if a.scheduler != "ddim":
+        raise UserError(f"interpolation samples with deterministic DDIM (eta 0); drop --scheduler {a.scheduler}")
+    if a.output_format != "png":
+        raise UserError("interpolation writes a PNG strip and a GIF; drop --output_format")
+
+
+def interpolation_request(args, ckpt):
+    """(mode, class_a, class_b, seed_a, seed_b) from the CLI flags (class names checked)."""
+    if args.interpolate_seeds is not None:
+        c = resolve_classes(ckpt, [args.class_label] if args.class_label is not None else None)[0]
+        return "seeds", c, None, args.interpolate_seeds[0], args.interpolate_seeds[1]
+    a, b = resolve_classes(ckpt, list(args.interpolate_classes))
+    return "classes", a, b, args.seed, None
+
+
+def run_interpolation(args):
+    """--interpolate_seeds / --interpolate_classes: write <tag>/<stem>.png (strip) and <stem>.gif once."""
+    check_interpolation_args(args)
+    gen = Generator(args)
+    mode, ca, cb, sa, sb = interpolation_request(args, gen.ckpt)
+    names = gen.ckpt["class_names"]
+    folder = Path(args.output_dir).expanduser() / interpolation_tag(args.checkpoint, args.no_ema)
+    stem = interpolation_name(mode, names, ca, cb, sa, sb, args.num_inference_steps, args.cfg_scale,
+                              args.interp_frames)
+    png, gif = folder / f"{stem}.png", folder / f"{stem}.gif"
+    if png.exists() and gif.exists():
+        print(f"{png} and {gif} already exist; skipped (never overwritten)")
+        return 0
+    check_writable(folder)
+    gen.setup()
+    t0 = time.time()
+    frames = gen.interpolation(mode, ca, sa, cb, sb, args.interp_frames)
+    png, gif, wrote = animation.write_interpolation(frames, folder, stem)
+    print(f"interpolation ({len(frames)} frames, {time.time() - t0:.2f}s): strip {png}, animation {gif}"
+          + ("" if wrote else " (already there; not overwritten)"))
+    return 0
+
+
 def main(argv=None):
-    """Parse flags, check inputs, generate."""
+    """Parse flags, check inputs, generate (or interpolate)."""
     p = FlagParser(description="Generate images from an LDM checkpoint.")
     add_sampling_flags(p)
     p.add_argument("--output_dir", default="./generated")
     p.add_argument("--num_samples", type=int, default=10, help="images per class")
     p.add_argument("--class_label", default=None, help="class name to generate (default: every class)")
     p.add_argument("--save_grid", action="store_true", help="also write grid.png (one row per class)")
+    add_interpolation_flags(p)
     args = p.parse_args(argv)
     check_sampling_args(args)
+    if args.interpolate_seeds is not None or args.interpolate_classes is not None:
+        return run_interpolation(args)
     if args.num_samples < 1:
         raise UserError("--num_samples must be >= 1")
     gen = Generator(args)
     names = gen.ckpt["class_names"]
     classes = resolve_classes(gen.ckpt, [args.class_label] if args.class_label is not None else None)
-    tag = (f"{Path(args.checkpoint).stem}_{args.scheduler}{args.num_inference_steps}_cfg{args.cfg_scale:g}"
-           f"_seed{args.seed}{'_raw' if args.no_ema else ''}")
+    tag = sample_tag(args.checkpoint, args.scheduler, args.num_inference_steps, args.cfg_scale, args.seed,
+                     args.no_ema)
     folder = Path(args.output_dir).expanduser() / tag
     check_writable(folder)
     gen.setup()

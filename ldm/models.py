@@ -193,24 +193,44 @@ def make_sampler(name, noise_config):
     raise UserError(f"--scheduler {name!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
 
 
+def initial_noise(seeds, latent_shape, device="cpu"):
+    """The initial latents of per-image seeds: exactly what sample_latents draws for them (CPU generators)."""
+    from diffusers.utils.torch_utils import randn_tensor
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return randn_tensor((len(gens), *latent_shape), generator=gens, device=torch.device(device))
+
+
 @torch.no_grad()
 def sample_latents(denoiser, sampler, labels, generators, latent_shape, num_steps, cfg_scale, device,
-                   autocast=None, progress=None):
-    """CFG sampling; one CPU generator per image (batch-size independent); `autocast`: context factory or None."""
+                   autocast=None, progress=None, latents=None, class_embeddings=None):
+    """CFG sampling; one CPU generator per image (batch-size independent); `autocast`: context factory or None.
+
+    latents: given initial noise (B, *latent_shape) instead of drawing it from `generators` (seed
+    interpolation); class_embeddings: (B, 1, dim) tokens replacing class_embedder(labels) in the conditional
+    branch (class interpolation; the null branch stays the learned null class)."""
     from diffusers.utils.torch_utils import randn_tensor
     b = len(labels)
-    latents = randn_tensor((b, *latent_shape), generator=generators, device=torch.device(device))
+    if latents is None:
+        latents = randn_tensor((b, *latent_shape), generator=generators, device=torch.device(device))
+    else:
+        latents = latents.to(device)
     sampler.set_timesteps(num_steps, device=device)
     latents = latents * sampler.init_noise_sigma
     null = torch.full_like(labels, denoiser.class_embedder.num_classes)
     cond_labels = torch.cat([labels, null]) if cfg_scale != 1.0 else labels
+    if class_embeddings is None:
+        model = lambda x, t: denoiser(x, t, cond_labels)  # noqa: E731
+    else:
+        tokens = class_embeddings.to(device)
+        tokens = torch.cat([tokens, denoiser.class_embedder(null)]) if cfg_scale != 1.0 else tokens
+        model = lambda x, t: denoiser.unet(x, t, encoder_hidden_states=tokens).sample  # noqa: E731
     ctx = autocast or contextlib.nullcontext  # a factory: autocast contexts are single-use
     steps = sampler.timesteps
     for t in (progress(steps) if progress else steps):
         inp = sampler.scale_model_input(latents, t)
         inp = torch.cat([inp, inp]) if cfg_scale != 1.0 else inp
         with ctx():
-            out = denoiser(inp, t.expand(inp.shape[0]).to(device), cond_labels).float()
+            out = model(inp, t.expand(inp.shape[0]).to(device)).float()
         if cfg_scale != 1.0:
             cond, uncond = out.chunk(2)
             out = uncond + cfg_scale * (cond - uncond)
@@ -232,12 +252,15 @@ def denoiser_from_checkpoint(ckpt, use_ema=True):
 @torch.no_grad()
 def sample_images(denoiser, vae, labels, seeds, *, latent_channels, latent_size, scaling_factor,
                   image_channels, noise_config, scheduler="dpmsolver", num_steps=25, cfg_scale=3.0,
-                  device="cpu", autocast=None, progress=None):
-    """Labels + per-image seeds -> float images in [0,1] (B, image_channels, H, W)."""
+                  device="cpu", autocast=None, progress=None, latents=None, class_embeddings=None):
+    """Labels + per-image seeds -> float images in [0,1] (B, image_channels, H, W).
+
+    latents / class_embeddings: see sample_latents (interpolation); without them the seeds decide the noise."""
     sampler = make_sampler(scheduler, noise_config)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     labels = torch.as_tensor(labels, dtype=torch.long, device=device)
     z = sample_latents(denoiser, sampler, labels, gens, (latent_channels, latent_size, latent_size),
-                       num_steps, cfg_scale, device, autocast=autocast, progress=progress)
+                       num_steps, cfg_scale, device, autocast=autocast, progress=progress, latents=latents,
+                       class_embeddings=class_embeddings)
     with (autocast or contextlib.nullcontext)():
         return decode_to_images(vae, z.float(), scaling_factor, image_channels).float()

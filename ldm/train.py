@@ -6,7 +6,8 @@
     accelerate launch --multi_gpu train.py --data_root /path/to/data --batch_size 8 --num_epochs 200
 
 Writes to --output_dir: checkpoint_last.pt (for --resume), checkpoint_best.pt (lowest validation
-loss), log.txt, tensorboard/ (scalars and sample grids) and, with --cache_latents, latent_cache.pt.
+loss), log.txt, tensorboard/ (scalars and sample grids), the same grids as samples/step_XXXXXXX.png with
+progress.gif (the grids animated; same seeds every time) and, with --cache_latents, latent_cache.pt.
 --batch_size is per process. Exact resume: data order follows (seed, epoch), flips (seed, epoch, index),
 and every step's noise comes from a generator seeded by (seed, rank, step), so a resumed run continues
 bit-identically on CPU. The loop is `main`; the plumbing (errors, seeds, stop flags, checkpoint I/O,
@@ -25,6 +26,7 @@ from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 
+import animation
 import medical
 from dataset import (EpochBatches, ImageDataset, LatentDataset, cache_key, encode_dataset, fit_window, groups_of,
                      load_latent_cache, read_options, scan_class_folders, split_train_val)
@@ -290,7 +292,7 @@ def end_of_epoch(r, eval_model, epoch, step, total_steps, best, ckpt):
     if a.sample_every_epochs and (epoch % a.sample_every_epochs == 0 or final):
         if acc.is_main_process:
             log_grid(r.writer, eval_model, r.b.vae, r.meta, r.b.latent_channels, r.b.latent_size, a, step,
-                     acc.device, acc)
+                     acc.device, acc, run_dir=r.out, log=r.log)
         acc.wait_for_everyone()
     r.model.train()
     return best
@@ -399,8 +401,9 @@ def main(argv=None):
     return finish(accelerator, writer)
 
 
-def log_grid(writer, eval_model, vae, meta, latent_channels, latent_size, args, step, device, accelerator):
-    """One row per class (first 16 classes) of EMA samples to TensorBoard."""
+def log_grid(writer, eval_model, vae, meta, latent_channels, latent_size, args, step, device, accelerator,
+             run_dir=None, log=None):
+    """One row per class (first 16 classes) of EMA samples to TensorBoard, samples/ and progress.gif."""
     import torchvision
     n_cls = min(16, len(meta["class_names"]))
     labels = [c for c in range(n_cls) for _ in range(args.grid_per_class)]
@@ -413,6 +416,8 @@ def log_grid(writer, eval_model, vae, meta, latent_channels, latent_size, args, 
     grid = torchvision.utils.make_grid(imgs.cpu(), nrow=args.grid_per_class, padding=2)
     writer.add_image("samples/per_class_rows", grid, step)
     writer.flush()
+    if run_dir is not None:
+        animation.save_progress_frame(grid, run_dir, step, gray=meta["image_channels"] == 1, log=log)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ COPIES = {
     "medical.py": ["ddpm", "ldm", "controlnet", "dit", "evaluation"],
     "writers.py": ["ddpm", "ldm", "controlnet", "dit", "evaluation"],
     "pairing.py": ["ddpm", "controlnet"],  # image/mask pairing: the folders that train on pairs
+    "animation.py": ["ddpm", "ldm", "controlnet", "dit"],  # interpolation strips / GIFs, progress.gif
+    "serving.py": ["ddpm", "ldm", "controlnet", "dit"],  # serve.py: web page + HTTP API (optional deps)
 }
 
 
