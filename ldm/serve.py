@@ -19,10 +19,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import serving
-from inference import (Generator, SEED_STRIDE, image_seed, interpolation_name, interpolation_tag,
+from inference import (Generator, SEED_STRIDE, check_sampling_args, image_seed, interpolation_name, interpolation_tag,
                        sample_tag)
 from models import SCHEDULERS
-from runtime import FlagParser, UserError, run_main
+from runtime import FlagParser, run_main
 
 
 def parse_args(argv=None):
@@ -40,12 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--cfg_scale", type=float, default=3.0, help="the page's default guidance")
     serving.add_serve_flags(p)
     a = p.parse_args(argv)
-    if a.batch_size < 1:
-        raise UserError("--batch_size must be >= 1")
-    if a.num_inference_steps < 1:
-        raise UserError("--num_inference_steps must be >= 1")
-    if a.cfg_scale < 0:
-        raise UserError("--cfg_scale must be >= 0")
+    check_sampling_args(a)  # inference.py's range checks: the same flags, the same messages
     return a
 
 

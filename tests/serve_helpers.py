@@ -16,9 +16,20 @@ import time
 import numpy as np
 import pytest
 import requests
+import torch
 from PIL import Image
 
 from repo_helpers import REPO, free_port, script_env
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Import into a test module: its in-process CLI computes with one thread, as the server subprocess
+    (OMP_NUM_THREADS=1) does, so the two give the same bits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class Server:

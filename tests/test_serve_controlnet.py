@@ -21,6 +21,7 @@ from PIL import Image
 import serve_helpers
 from repo_helpers import free_port, load_folder, run_main_expect
 from serve_helpers import Server, assert_one_line_error, pixels
+from serve_helpers import one_thread  # noqa: F401  (an autouse fixture: one thread, as the server)
 from test_controlnet import NUM_CLASSES, make_tiny_ldm
 
 inference, train, animation, serve = load_folder("controlnet", "inference", "train", "animation", "serve")
@@ -30,15 +31,6 @@ PAD = 2  # animation.strip's gap between frames
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The in-process CLI computes with one thread, as the server subprocess (OMP_NUM_THREADS=1) does."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run_train(args):
     AcceleratorState._reset_state(True)
     return train.main([str(a) for a in args])

@@ -23,6 +23,7 @@ from PIL import Image
 import serve_helpers
 from repo_helpers import free_port, load_folder, run_main_expect, run_script
 from serve_helpers import Server, assert_one_line_error, pixels
+from serve_helpers import one_thread  # noqa: F401  (an autouse fixture: one thread, as the server)
 
 train, inference, models, sampling, animation = load_folder("ddpm", "train", "inference", "models", "sampling",
                                                             "animation")
@@ -33,15 +34,6 @@ TINY = ["--image-size", S, "--base-channels", 8, "--time-dim", 16, "--noise-step
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The in-process CLI computes with one thread, as the server subprocess (OMP_NUM_THREADS=1) does."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def square(rng, fg=220):
     m = np.zeros((S, S), np.uint8)
     r, c = rng.integers(2, 8, 2)

@@ -20,6 +20,7 @@ from PIL import Image
 import serve_helpers
 from repo_helpers import free_port, load_folder, run_script
 from serve_helpers import Server, assert_one_line_error, pixels
+from serve_helpers import one_thread  # noqa: F401  (an autouse fixture: one thread, as the server)
 
 train, sample, animation, runtime = load_folder("dit", "train", "sample", "animation", "runtime")
 UserError = runtime.UserError
@@ -28,15 +29,6 @@ COMMON = ["--mixed-precision", "no"]
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CLI in this process computes like the server subprocess (OMP_NUM_THREADS=1 there)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A tiny 3-class grayscale data set (16 px) and a tiny VAE (factor 4, 4 latent channels)."""

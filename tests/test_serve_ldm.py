@@ -24,6 +24,7 @@ from PIL import Image
 import serve_helpers
 from repo_helpers import REPO, free_port, load_folder, run_main_expect, script_env
 from serve_helpers import Server, pixels
+from serve_helpers import one_thread  # noqa: F401  (an autouse fixture: one thread, as the server)
 
 train, inference, animation, runtime = load_folder("ldm", "train", "inference", "animation", "runtime")
 
@@ -35,15 +36,6 @@ STRIDE = 1_000_000  # inference.SEED_STRIDE: image j of class c has seed + STRID
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The in-process CLI computes with one thread, as the server subprocess (OMP_NUM_THREADS=1) does."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def write_classes(root, per_class=6, size=SIZE):
     """Grayscale class folders: noise plus a bright bar whose row depends on the class (as test_ldm.py)."""
     rng = np.random.default_rng(0)
