@@ -24,6 +24,7 @@ COPIES = {
     "pairing.py": ["ddpm", "controlnet"],  # image/mask pairing: the folders that train on pairs
     "animation.py": ["ddpm", "ldm", "controlnet", "dit"],  # interpolation strips / GIFs, progress.gif
     "serving.py": ["ddpm", "ldm", "controlnet", "dit"],  # serve.py: web page + HTTP API (optional deps)
+    "posthoc_ema.py": ["ddpm", "ldm", "controlnet", "dit"],  # EDM2 post-hoc EMA: snapshots + rebuild command
 }
 
 
