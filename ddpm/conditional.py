@@ -236,6 +236,8 @@ def describe_task(cfg):
     """The start-up line that says what a run learns: task, objective, condition mode and its settings."""
     task = cfg["task"]
     parts = [f"task {task}", f"predicts {cfg['prediction_type']}"]
+    if cfg.get("snr_gamma"):
+        parts.append(f"min-SNR-gamma {cfg['snr_gamma']:g} loss weights")
     if task in PAIRED_TASKS:
         parts += [f"condition by {cfg['cond_mode']}", f"condition dropout {cfg['cond_dropout']:g}"]
     if task == "superres":

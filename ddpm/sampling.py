@@ -22,7 +22,7 @@ from PIL import Image
 import animation
 import conditional
 import runtime as rt
-from models import Diffusion
+from models import Diffusion, default_sampling_steps
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Settings:
     sampler: str = "ddim"
     steps: int = 50
     cfg_scale: float = 3.0
-    eta: float = None  # None: the sampler's own (1 for ddpm, 0 for ddim)
+    eta: float = None  # None: the sampler's own (1 for ddpm, 0 for ddim; dpmsolver takes none)
     cond_scale: float = 1.0
     batch_size: int = 8
     amp_dtype: object = None
@@ -39,8 +39,8 @@ class Settings:
 
 
 def default_steps(sampler, noise_steps):
-    """--sampling-steps when not given: all T for ddpm, 50 (or T if fewer) for ddim."""
-    return noise_steps if sampler == "ddpm" else min(50, noise_steps)
+    """--sampling-steps when not given: all T for ddpm, 50 for ddim, 25 for dpmsolver (or T if fewer)."""
+    return default_sampling_steps(sampler, noise_steps)
 
 
 def make_diffusion(info, device):

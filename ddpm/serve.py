@@ -79,8 +79,9 @@ class DDPMBackend(serving.Backend):
                     "<sha>.png --seed S --samples-per-condition N)")
         out = {"title": f"DDPM {self.ckpt_tag} ({self.task}, {inference.describe(self.cfg)}"
                         + (f", step {step})" if step is not None else ")"),
-               "classes": self.names, "samplers": ["ddim", "ddpm"], "default_sampler": "ddim",
+               "classes": self.names, "samplers": ["ddim", "dpmsolver", "ddpm"], "default_sampler": "ddim",
                "default_steps": sampling.default_steps("ddim", self.noise_steps), "max_steps": self.noise_steps,
+               "sampler_steps": {k: sampling.default_steps(k, self.noise_steps) for k in ("ddim", "dpmsolver", "ddpm")},
                "guidance": bool(self.names), "default_guidance": 3.0, "upload": upload,
                "interpolation": ["seeds", "classes"] if self.names and not self.paired else ["seeds"],
                "image_size": int(self.cfg["model"]["img_size"]), "channels": int(self.cfg["model"]["c_out"]),

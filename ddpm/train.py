@@ -14,6 +14,10 @@ One process (GPU or CPU) or torchrun DDP (nccl on GPU, gloo on CPU). Writes, und
     models/<run_name>/config.json            architecture + class names, read by inference.py
     models/<run_name>/log.txt, results/<run_name>/*.png (sample grids), runs/<run_name>/ (TensorBoard)
     results/<run_name>/progress.gif           the sample grids animated (same seeds every time), rebuilt per grid
+    models/<run_name>/posthoc_ema/phema_*.pt  with --posthoc-ema-every-steps N: post-hoc EMA snapshots (EDM2);
+        python posthoc_ema.py --snapshots models/<run_name>/posthoc_ema --sigma_rel 0.08 \
+            --checkpoint models/<run_name>/ema_ckpt.pt        # -> ema_ckpt_phema0.080_step<N>.pt beside it
+Objective: --prediction-type epsilon | v_prediction, --snr-gamma G (min-SNR-gamma loss weights, 0 = off).
 The spec's entry points (ddpm.py, ddpm_conditional.py, ddpm_conditional_ddp.py) call train() below.
 Everything that is not DDPM-specific (flags, checkpoint I/O, seeds, precision, stop flags, EMA) is the
 vendored runtime.py.
@@ -30,10 +34,11 @@ import torch.nn.functional as F
 import animation
 import conditional as cond_lib
 import medical
+import posthoc_ema
 import runtime as rt
 from conditional import PAIRED_TASKS
 from dataset import ImageFolderDataset, flip_mask
-from models import Diffusion, UNet, UNet_conditional
+from models import SAMPLERS, Diffusion, UNet, UNet_conditional, check_sampler
 from paired import PairedDataset
 from runtime import UserError
 from utils import MODEL_TYPE, save_grid
@@ -53,6 +58,8 @@ BASE_SETTINGS = dict(
     task="generate", prediction_type=None, cond_mode="concat", num_mask_classes=2, cond_dropout=0.1,
     mask_ablation=0.0, sr_factor=4, sr_filter="bicubic", images_folder="images", masks_folder="masks",
     lowres_folder=None, image_prefix="", mask_prefix="", skip_unpaired=False, class_labels_csv=None,
+    # objective and weight averaging (issue 18); runs stored before these existed had these values
+    snr_gamma=0.0, posthoc_ema_every_steps=0, posthoc_ema_sigma_rels="0.05,0.1",
 )
 # Settings that define the network / noise process: a resumed run must keep them.
 ARCH_KEYS = ("image_size", "channels", "base_channels", "time_dim", "noise_steps", "schedule", "beta_start",
@@ -61,7 +68,7 @@ ARCH_KEYS = ("image_size", "channels", "base_channels", "time_dim", "noise_steps
 # Settings that define the optimisation trajectory: kept from the stored run on resume (a warning says so).
 TRAJECTORY_KEYS = ("batch_size", "learning_rate", "weight_decay", "lr_schedule", "warmup_steps", "grad_clip",
                    "ema_decay", "ema_start", "cfg_dropout", "random_flip", "seed", "mixed_precision", "cond_dropout",
-                   "mask_ablation")
+                   "mask_ablation", "snr_gamma", "posthoc_ema_every_steps", "posthoc_ema_sigma_rels")
 # How files are read (medical.add_read_flags): a resumed run keeps the stored window (a warning says so).
 READ_KEYS = ("intensity_window", "slice_axis", "slice_range", "group_regex", "window_16bit")
 # Settings a resumed run may change (data location, length, cadences, outputs, speed).
@@ -110,6 +117,8 @@ def add_train_args(p):
     add("--grad_clip", aliases=["max_grad_norm"], type=float, help="max gradient norm, 0 = off (default 1.0)")
     add("--ema_decay", type=float, help="EMA decay per step (default 0.995)")
     add("--ema_start", type=int, help="steps during which the EMA copies the weights (default 2000)")
+    add("--snr_gamma", type=float, help="min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5; 0 = plain MSE "
+        "(default 0)")
     add("--cfg_dropout", type=float, help="probability a label is replaced by 'no class' (default 0.1)")
     add("--random_flip", action="store_true", default=None, help="random horizontal flips (default off)")
     add("--no_random_flip", dest="random_flip", action="store_false", default=None, help="no flips (the default)")
@@ -121,8 +130,8 @@ def add_train_args(p):
     add("--sample_every_epochs", aliases=["sample_every"], type=int,
         help="sample grid every N epochs, 0 = never (default 10)")
     add("--grid_images", type=int, help="images in each sample grid (default 16)")
-    add("--sampler", choices=["ddpm", "ddim"], help="sampler for the grids (default ddpm)")
-    add("--sampling_steps", type=int, help="grid sampling steps (default: T for ddpm, 50 for ddim)")
+    add("--sampler", choices=list(SAMPLERS), help="sampler for the grids: ddpm (default), ddim or dpmsolver")
+    add("--sampling_steps", type=int, help="grid sampling steps (default: T for ddpm, 50 for ddim, 25 for dpmsolver)")
     add("--cfg_scale", type=float, help="guidance scale of the grids (default 3)")
     add("--max_minutes", type=float, help="stop (checkpoint, exit 0) after this much training time; 0 = off")
     add("--log_every_steps", aliases=["log_every"], type=int, help="log line every N steps (default 50)")
@@ -134,8 +143,9 @@ def add_train_args(p):
     rt.add_resume_flag(p)
     add("--trust_checkpoint", action="store_true", help="allow loading a pickled (non-plain) checkpoint")
     medical.add_read_flags(p)  # --intensity_window, --slice_axis, --slice_range, --group_regex
+    posthoc_ema.add_flags(p)  # --posthoc_ema_every_steps, --posthoc_ema_sigma_rels
     for action in p._actions:  # None = BASE_SETTINGS, or the stored run's (not set_defaults: launch() overrides)
-        if action.dest in READ_KEYS:
+        if action.dest in READ_KEYS or action.dest.startswith("posthoc_ema_"):
             action.default = None
     return p
 
@@ -163,9 +173,16 @@ def given_settings(args):
     return given
 
 
+def sigma_rels_text(text):
+    """--posthoc-ema-sigma-rels in one spelling ("0.05,0.10" -> "0.05,0.1"); UserError naming the flag."""
+    return ",".join(f"{v:g}" for v in posthoc_ema.parse_sigma_rels(text, "--posthoc-ema-sigma-rels"))
+
+
 def resolve_config(args, stored=None):
     """Merge flags, defaults and (on resume) the stored config into one plain dict; validate ranges."""
     given = given_settings(args)
+    if "posthoc_ema_sigma_rels" in given:  # one spelling, so that a resume compares values, not strings
+        given["posthoc_ema_sigma_rels"] = sigma_rels_text(given["posthoc_ema_sigma_rels"])
     task = given.get("task") or (stored or {}).get("task") or "generate"
     conditional = not bool(given.get("unconditional", False))
     if task != "generate":  # the other tasks take class labels from a CSV of stems
@@ -215,6 +232,8 @@ def resolve_config(args, stored=None):
               ("cfg_dropout", 0.0 <= cfg["cfg_dropout"] < 1.0, "must be in [0, 1)"),
               ("ema_decay", 0.0 <= cfg["ema_decay"] < 1.0, "must be in [0, 1)"),
               ("ema_start", cfg["ema_start"] >= 0, "must be >= 0"),
+              ("snr_gamma", cfg["snr_gamma"] >= 0, "must be >= 0 (0 = off; the min-SNR paper uses 5)"),
+              ("posthoc_ema_every_steps", cfg["posthoc_ema_every_steps"] >= 0, "must be >= 0 (0 = off)"),
               ("warmup_steps", cfg["warmup_steps"] >= 0, "must be >= 0"),
               ("grad_clip", cfg["grad_clip"] >= 0, "must be >= 0"),
               ("ckpt_every_steps", cfg["ckpt_every_steps"] >= 0, "must be >= 0"),
@@ -228,6 +247,8 @@ def resolve_config(args, stored=None):
     for key, ok, msg in checks:
         if not ok:
             raise UserError(f"{flag(key)} {cfg[key]} {msg}")
+    check_sampler(cfg["sampler"])
+    cfg["posthoc_ema_sigma_rels"] = sigma_rels_text(cfg["posthoc_ema_sigma_rels"])
     if cfg["sampling_steps"] is not None and not 1 <= cfg["sampling_steps"] <= cfg["noise_steps"]:
         raise UserError(f"--sampling-steps {cfg['sampling_steps']} must be between 1 and --noise-steps "
                         f"{cfg['noise_steps']}")
@@ -260,6 +281,7 @@ def prepare_run(args):
     run_dir = work_dir / "models" / run_name
     paths = {"run": run_dir, "ckpt": run_dir / "ckpt.pt", "ema": run_dir / "ema_ckpt.pt",
              "state": run_dir / "train_state.pt", "config": run_dir / "config.json",
+             "posthoc_ema": run_dir / "posthoc_ema",
              "results": work_dir / "results" / run_name, "tensorboard": work_dir / "runs" / run_name}
     resume = {True: "auto", False: None}.get(getattr(args, "resume", None), getattr(args, "resume", None))
     given_read = read_options(given_settings(args))  # a bad --intensity-window is named before anything is loaded
@@ -370,13 +392,14 @@ def build(cfg, dataset, rank, world, device, precision):
     return model, ema, opt, sched, rt.grad_scaler(precision, device), diffusion, batches, total
 
 
-def restore(stored, path, model, ema, opt, scaler, sched, batches, rank, world, logger):
+def restore(stored, path, model, ema, phema, opt, scaler, sched, batches, rank, world, logger):
     """Load a training state into the built objects -> (step, epoch, batch position to continue from)."""
     if stored is None:
         return 0, 0, 0
     try:
         model.load_state_dict(stored["model"])
         ema.load_state_dict(stored["ema"])
+        phema.load_state_dict(stored.get("posthoc_ema"))
     except (RuntimeError, KeyError) as e:
         raise UserError(f"{path} does not fit the configured model: {str(e).splitlines()[0][:200]}") from None
     opt.load_state_dict(stored["optimizer"])
@@ -445,6 +468,14 @@ def noisy_batch(diffusion, batch, cfg, epoch, rank, step, device):
     return x_t, t, diffusion.training_target(x, noise, t), labels, cond
 
 
+def diffusion_loss(diffusion, pred, target, t, snr_gamma):
+    """MSE on the training target; with --snr-gamma, each image's MSE weighted by Diffusion.loss_weights."""
+    if not snr_gamma:
+        return F.mse_loss(pred.float(), target)  # today's loss, bit for bit
+    per_image = (pred.float() - target).pow(2).flatten(1).mean(1)
+    return (diffusion.loss_weights(t, snr_gamma) * per_image).mean()
+
+
 def optimizer_step(loss, model, opt, scaler, sched, grad_clip):
     """Backward (scaled for fp16), clip, step, zero the gradients, advance the LR schedule."""
     scaler.scale(loss).backward()
@@ -471,7 +502,7 @@ def log_step(logger, writer, step, epoch, losses, sched, speed, device):
     losses.clear()
 
 
-def save_checkpoint(paths, model, ema, opt, scaler, sched, cfg, class_names, step, epoch, pos, logger):
+def save_checkpoint(paths, model, ema, phema, opt, scaler, sched, cfg, class_names, step, epoch, pos, logger):
     """Write ckpt.pt, ema_ckpt.pt, config.json and train_state.pt atomically (rank 0), then meet at a barrier."""
     if rt.is_dist() and torch.distributed.get_rank() != 0:
         rt.barrier()
@@ -485,6 +516,8 @@ def save_checkpoint(paths, model, ema, opt, scaler, sched, cfg, class_names, ste
              "step": step, "epoch": epoch, "batch_in_epoch": pos, "config": cfg, "class_names": class_names,
              "model_config": model_config(cfg, cfg["channels"], cfg["num_classes"]),
              "rng": rt.rng_state()}
+    if phema.active:  # the post-hoc EMA averages (snapshots only hold every N-th step's)
+        state["posthoc_ema"] = phema.state_dict()
     rt.atomic_save(state, paths["state"])
     logger.info(f"saved checkpoint at step {step} (epoch {epoch}, batch {pos}) -> {paths['run']}")
     rt.barrier()
@@ -520,8 +553,12 @@ def sample_grid(diffusion, model, cfg, step, epoch, paths, writer, device, preci
 
 def log_header(logger, cfg, dataset, model, ema, world, device, per_epoch):
     """What runs: data, world size, batch, precision, and the parameter table."""
-    if cfg["task"] != "generate" or cfg["prediction_type"] != "epsilon":
+    if cfg["task"] != "generate" or cfg["prediction_type"] != "epsilon" or cfg["snr_gamma"]:
         logger.info(cond_lib.describe_task(cfg))
+    if cfg["posthoc_ema_every_steps"]:
+        logger.info(f"post-hoc EMA (EDM2): sigma_rel {cfg['posthoc_ema_sigma_rels']} tracked, a snapshot every "
+                    f"{cfg['posthoc_ema_every_steps']} steps -> models/{cfg['run_name']}/posthoc_ema/ "
+                    f"(rebuild any width with posthoc_ema.py)")
     logger.info(f"DDPM {'class-conditional' if cfg['conditional'] else 'unconditional'} run '{cfg['run_name']}': "
                 f"{len(dataset)} images, {cfg['image_size']}x{cfg['image_size']}x{cfg['channels']}"
                 + (f", {cfg['num_classes']} classes" if cfg["conditional"] else ""))
@@ -552,8 +589,12 @@ def train(args):
     precision = rt.resolve_precision(cfg["mixed_precision"], device, logger)
     rt.seed_everything(cfg["seed"] * world + rank)  # per-rank seed; the training noise uses rt.generator
     model, ema, opt, sched, scaler, diffusion, batches, total = build(cfg, dataset, rank, world, device, precision)
-    step, start_epoch, skip = restore(stored, paths.get("resume_from"), model, ema, opt, scaler, sched, batches,
-                                      rank, world, logger)
+    # keys {"ema": ...}: posthoc_ema.py puts a rebuilt average where train_state.pt keeps the EMA (or replaces
+    # ema_ckpt.pt, a flat state dict, whole); only rank 0 averages and writes (the weights are the same on all)
+    phema = posthoc_ema.PostHocEMA({"ema": model}, posthoc_ema.parse_sigma_rels(cfg["posthoc_ema_sigma_rels"]),
+                                   cfg["posthoc_ema_every_steps"], paths["posthoc_ema"], active=rank == 0)
+    step, start_epoch, skip = restore(stored, paths.get("resume_from"), model, ema, phema, opt, scaler, sched,
+                                      batches, rank, world, logger)
     del stored
     log_header(logger, cfg, dataset, model, ema, world, device, batches.per_epoch)
     if rank == 0:
@@ -564,7 +605,8 @@ def train(args):
     loader, writer = make_loader(dataset, batches, cfg, device), tensorboard(paths, rank)
 
     def checkpoint(epoch, pos):
-        save_checkpoint(paths, model, ema, opt, scaler, sched, cfg, dataset.class_names, step, epoch, pos, logger)
+        save_checkpoint(paths, model, ema, phema, opt, scaler, sched, cfg, dataset.class_names, step, epoch, pos,
+                        logger)
         return step, f"{paths['state']} (step {step})"
 
     last_saved, last_good = step, f"{paths['state']} (step {step})" if step else "none written yet"
@@ -583,10 +625,13 @@ def train(args):
                         pred = fwd(x_t, t, labels, cond)
                     else:
                         pred = fwd(x_t, t, labels) if labels is not None else fwd(x_t, t)
-                loss = stop.check_loss(F.mse_loss(pred.float(), target), step + 1, last_good)
+                loss = stop.check_loss(diffusion_loss(diffusion, pred, target, t, cfg["snr_gamma"]), step + 1,
+                                       last_good)
                 optimizer_step(loss, model, opt, scaler, sched, cfg["grad_clip"])
                 step, pos = step + 1, pos + 1
                 ema.update(model, step)
+                phema.update(step)
+                phema.maybe_snapshot(step)
                 speed.add(x_t.shape[0] * world)
                 losses.append(loss.item())
                 if step % cfg["log_every_steps"] == 0:

@@ -300,6 +300,8 @@ def validate(kind, body, upload_bytes, backends, args):
     if kind == "generate":
         req.num_images = _number(body, "num_images", int, 1, 1, args.max_images, " (the server's --max_images)")
         req.sampler = _choice(body.get("sampler", info["default_sampler"]), "sampler", samplers, "sampler")
+        if "steps" not in body:  # a sampler's own default (DPM-Solver++ needs fewer steps than DDIM)
+            req.steps = min(int(info.get("sampler_steps", {}).get(req.sampler, info["default_steps"])), steps_cap)
         if req.format == "png" and req.num_images != 1:
             raise BadRequest("'format': 'png' returns one image: ask for num_images 1, or use 'zip' / 'json'")
     else:
@@ -719,6 +721,10 @@ function onModel() {
   fill($("class"), m.classes); fill($("class_b"), m.classes, m.classes[1]);
   show("class_row", m.classes.length > 0);
   fill($("sampler"), m.samplers, m.default_sampler);
+  $("sampler").onchange = () => {
+    const d = (model().sampler_steps || {})[$("sampler").value];
+    if (d) $("steps").value = Math.min(d, model().max_steps, INFO.limits.max_steps);
+  };
   $("steps").value = Math.min(m.default_steps, m.max_steps, INFO.limits.max_steps);
   $("steps").max = Math.min(m.max_steps, INFO.limits.max_steps);
   $("num_images").max = INFO.limits.max_images; $("frames").max = INFO.limits.max_frames;
