@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, DDPMScheduler,
                        DPMSolverMultistepScheduler, UNet2DConditionModel)
+from diffusers.training_utils import compute_snr
 
 from runtime import UserError, load_checkpoint  # UserError is re-exported: dataset.py imports it from here
 
@@ -295,6 +296,21 @@ def training_target(scheduler, latents, noise, timesteps):
         return scheduler.get_velocity(latents, noise, timesteps)
     if kind == "sample":
         return latents
+    raise UserError(f"unsupported prediction_type '{kind}' in the LDM's noise_scheduler_config")
+
+
+def min_snr_weights(scheduler, timesteps, snr_gamma):
+    """Per-sample min-SNR-gamma loss weights (Hang et al. 2023) under the LDM's prediction_type."""
+    snr = compute_snr(scheduler, timesteps)  # alpha_bar / (1 - alpha_bar)
+    # The paper weights the x0-MSE by min(SNR, gamma); an eps-MSE is SNR x the x0-MSE, a v-MSE (SNR + 1) x it.
+    # gamma / SNR clamped at 1 equals min(SNR, gamma) / SNR and stays finite where SNR underflows to 0.
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return torch.clamp(snr_gamma / snr, max=1.0)
+    if kind == "v_prediction":
+        return torch.clamp(snr, max=snr_gamma) / (snr + 1)
+    if kind == "sample":
+        return torch.clamp(snr, max=snr_gamma)
     raise UserError(f"unsupported prediction_type '{kind}' in the LDM's noise_scheduler_config")
 
 

@@ -9,6 +9,11 @@ The LDM's UNet is frozen by default (--no_freeze_unet trains it too); the Contro
 UNet's encoder. Writes OUTPUT_DIR/checkpoint_best.pt (lowest validation loss), checkpoint_last.pt (--resume),
 log.txt, tensorboard/, samples/ (mask | sample | ground truth grids) and progress.gif (the grids so far as an
 animation, rebuilt after each one). The flags are listed in README.md.
+
+Objective: the ControlNet adds residuals to the LDM's UNet, so it predicts what that UNet predicts
+(--prediction_type defaults to the LDM's; another value is refused); --snr_gamma G weights the loss by
+min-SNR-gamma (Hang et al. 2023; 0 = off). --posthoc_ema_every_steps N writes post-hoc EMA snapshots (EDM2)
+of the ControlNet to OUTPUT_DIR/posthoc_ema/ (posthoc_ema.py rebuilds any EMA length). A resumed run keeps all.
 """
 import contextlib
 import math
@@ -20,17 +25,21 @@ import torch.nn.functional as F
 
 import medical
 import animation
+import posthoc_ema
 from dataset import (EpochSampler, PairDataset, describe_unpaired, groups_of, label_of, pair_slices, read_class_labels,
                      read_options, split_indices, validate_pairs)
 from models import (SCHEDULERS, ControlledUNet, DummyEncoder, UserError, build_controlnet, check_same_ldm, decode,
-                    encode, initial_latents, load_flagged_checkpoint, load_ldm, make_sampler, noise_scheduler, plain,
-                    sample, training_target)
+                    encode, initial_latents, load_flagged_checkpoint, load_ldm, make_sampler, min_snr_weights,
+                    noise_scheduler, plain, sample, training_target)
 from runtime import (EMA, FlagParser, StopFlags, Throughput, TrainingError, add_resume_flag, any_rank, atomic_save,
                      check_writable, finish_distributed, get_logger, mean_over_ranks, memory_mb, optimizer_kwargs,
                      param_table, remove_stale_temporaries, resolve_precision, resolve_resume, rng_state, run_main,
                      save_png_replace, set_rng_state, to_pil)
 
 LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
+# Settings a run keeps for life (None on the command line: not given -> the resumed run's value or this default).
+LIFELONG_DEFAULTS = dict(snr_gamma=0.0, posthoc_ema_every_steps=0,
+                         posthoc_ema_sigma_rels="0.05,0.1")  # posthoc_ema.add_flags' default, one spelling
 
 
 def parse_args(argv=None):
@@ -61,6 +70,12 @@ def parse_args(argv=None):
     a("--train_encoder", action="store_true",
       help="train the condition encoder even with a frozen UNet (default: it follows the UNet)")
     a("--ema_decay", type=float, default=0.9999)
+    a("--prediction_type", default=None, choices=("epsilon", "v_prediction", "sample"),
+      help="what the UNet predicts: the LDM's (the default, and the only value accepted)")
+    a("--snr_gamma", type=float, default=None, help="min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5; "
+                                                     "0 = off (default)")
+    posthoc_ema.add_flags(p)
+    p.set_defaults(posthoc_ema_every_steps=None, posthoc_ema_sigma_rels=None)  # None: not given (kept on resume)
     a("--val_fraction", type=float, default=0.1, help="share of pairs held out for the validation loss")
     a("--random_flip", action="store_true", default=True, aliases=["hflip"],
       help="random horizontal flips (default on)")
@@ -95,9 +110,15 @@ def parse_args(argv=None):
                      ("ckpt_every_epochs", args.ckpt_every_epochs >= 1),
                      ("sample_every_epochs", args.sample_every_epochs >= 0), ("sample_steps", args.sample_steps >= 0),
                      ("lr_warmup_steps", args.lr_warmup_steps >= 0), ("num_val_samples", args.num_val_samples >= 0),
-                     ("max_train_steps", args.max_train_steps >= 0), ("max_minutes", args.max_minutes >= 0)):
+                     ("max_train_steps", args.max_train_steps >= 0), ("max_minutes", args.max_minutes >= 0),
+                     ("snr_gamma", args.snr_gamma is None or args.snr_gamma >= 0),
+                     ("posthoc_ema_every_steps", args.posthoc_ema_every_steps is None
+                      or args.posthoc_ema_every_steps >= 0)):
         if not ok:
             raise UserError(f"--{flag} is out of range: {getattr(args, flag)}")
+    if args.posthoc_ema_sigma_rels is not None:  # one spelling, so that a resumed run compares equal
+        args.posthoc_ema_sigma_rels = ",".join(
+            f"{v:g}" for v in posthoc_ema.parse_sigma_rels(args.posthoc_ema_sigma_rels))
     return args
 
 
@@ -128,6 +149,12 @@ def prepare_inputs(args):
             raise UserError(f"{msg}. Fix the names (or --image_prefix/--mask_prefix), or pass --skip_unpaired "
                             f"to train on the {len(pairs)} pairs found")
     ldm = load_ldm(args.ldm_checkpoint, args.trust_checkpoint, args.vae)
+    ldm_kind = ldm.noise_scheduler_config["prediction_type"]
+    if args.prediction_type not in (None, ldm_kind):
+        raise UserError(f"--prediction_type {args.prediction_type}: the LDM {args.ldm_checkpoint} predicts "
+                        f"{ldm_kind}, and the ControlNet only adds residuals to its UNet, so it must predict the "
+                        f"same; drop the flag")
+    args.prediction_type = ldm_kind
     labels = None
     if args.class_labels_csv:
         by_stem = read_class_labels(args.class_labels_csv, ldm.class_names)
@@ -148,15 +175,30 @@ def prepare_inputs(args):
             if resume.get(key) != now:
                 raise UserError(f"--resume {path} was trained with {key}={resume.get(key)}, this run asks "
                                 f"for {now}; use the same flags or another --output_dir")
+        keep_on_resume(args, resume.get("config") or {}, path)
         resume["path"] = str(path)
     elif last.exists():
         raise UserError(f"--output_dir {args.output_dir} already holds a run ({LAST}); pass --resume "
                         f"to continue it or choose another --output_dir")
+    else:
+        keep_on_resume(args, None)
     stored = (resume.get("config") or {}).get("intensity") if resume else None
     opts = read_options(args, ldm.intensity, stored, [im for im, _ in pairs])
     validate_pairs(pairs, args.mask_channels, opts)
     data = SimpleNamespace(opts=opts, groups=groups_of(pairs, opts), dropped=dropped)
     return pairs, labels, ldm, resume, data
+
+
+def keep_on_resume(args, stored, path=None):
+    """The lifelong settings: a flag left out takes the resumed run's value (runs from before a setting existed
+    had its default) or, in a new run, the default; a given flag that differs from the resumed run's is refused."""
+    for key, default in LIFELONG_DEFAULTS.items():
+        given = getattr(args, key)
+        kept = default if stored is None or stored.get(key) is None else stored[key]
+        if stored is not None and given is not None and given != kept:
+            raise UserError(f"--resume {path} was trained with {key}={kept}, this run asks for {given}; "
+                            f"drop the flag or use another --output_dir")
+        setattr(args, key, kept if given is None else given)
 
 
 def check_run_folder(args, n_pairs, world, groups=None):
@@ -192,6 +234,12 @@ def build(args, accelerator, ldm, labels, resume, log):
     ema = EMA(controlnet, args.ema_decay, start=0)
     if resume and resume.get("ema_controlnet") is not None:
         ema.load_state_dict(resume["ema_controlnet"])
+    # key: the checkpoint entry a reconstruction replaces; module: the trained ControlNet (not its EMA copy)
+    phema = posthoc_ema.PostHocEMA({"ema_controlnet": controlnet}, posthoc_ema.parse_sigma_rels(
+        args.posthoc_ema_sigma_rels), args.posthoc_ema_every_steps, Path(args.output_dir) / "posthoc_ema",
+        active=accelerator.is_main_process)  # only rank 0 keeps and writes them
+    if resume:
+        phema.load_state_dict(resume.get("posthoc_ema"))
     device = accelerator.device
     ema.model.to(device)
     vae = ldm.vae.to(device)
@@ -212,7 +260,8 @@ def build(args, accelerator, ldm, labels, resume, log):
     return SimpleNamespace(
         args=args, accelerator=accelerator, device=device, ldm=ldm, use_classes=use_classes, model=model,
         raw_model=accelerator.unwrap_model(model, keep_torch_compile=False), controlnet=controlnet,
-        encoder=encoder, unet=unet, vae=vae, ema=ema, trainable=trainable, optimizer=optimizer, lr_sched=lr_sched,
+        encoder=encoder, unet=unet, vae=vae, ema=ema, phema=phema, trainable=trainable, optimizer=optimizer,
+        lr_sched=lr_sched,
         sched=noise_scheduler(ldm.noise_scheduler_config), out=Path(args.output_dir), writer=None)
 
 
@@ -272,7 +321,7 @@ def checkpoint_state(run, epoch, pos, step, best, val_loss):
             "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
             "global_step": step, "epoch": epoch, "step_in_epoch": pos, "best_val_loss": best, "val_loss": val_loss,
             "config": plain({**vars(a), "intensity": run.opts.to_config()}), "world_size": acc.num_processes,
-            "rng_states": gather_object([rng_state()])}
+            "rng_states": gather_object([rng_state()]), "posthoc_ema": run.phema.state_dict()}
 
 
 def save_checkpoint(run, name, epoch, pos, step, best, val_loss=None):
@@ -321,6 +370,10 @@ def train(args):
                  f"e.g. {data.dropped[0].name}; they are not counted as unpaired")
     set_seed(args.seed * world + rank)  # per-rank streams (the ControlNet's init too); a resume restores them
     run = build(args, accelerator, ldm, labels, resume, log)
+    log.info(f"objective: predicts {args.prediction_type} (the LDM's), min-SNR gamma {args.snr_gamma:g}"
+             f"{' (off)' if not args.snr_gamma else ''}" + (f", post-hoc EMA sigma_rel {args.posthoc_ema_sigma_rels} "
+                                                            f"every {args.posthoc_ema_every_steps} steps"
+                                                            if args.posthoc_ema_every_steps else ""))
     run.opts = data.opts  # stored in every checkpoint ("intensity"): inference maps outputs back through it
     step, start_epoch, start_pos, best = restore(run, resume, world, rank, log)
     last_good = f"{resume['path']} (step {step})" if resume else "none written yet"
@@ -351,6 +404,9 @@ def train(args):
                 # initialised ControlNet would stay at its start for ~10k steps (the demo trains 400)
                 run.ema.decay = min(args.ema_decay, step / (9 + step))
                 run.ema.update(run.controlnet, step)
+                run.phema.update(step)
+                if args.posthoc_ema_every_steps and step % args.posthoc_ema_every_steps == 0:
+                    write_posthoc_snapshot(run, step)
                 meter.add(args.batch_size * world)
                 losses.append(loss.detach())
                 if step % args.log_every_steps == 0:
@@ -382,8 +438,23 @@ def train(args):
     finish_distributed(0)  # multi-process: os._exit after the group is gone (gloo aborts at exit otherwise)
 
 
+def write_posthoc_snapshot(run, step):
+    """Rank 0 writes this step's post-hoc EMA snapshot; a failed write stops every rank (none waits forever)."""
+    msg = ""
+    if run.accelerator.is_main_process:
+        try:
+            run.phema.maybe_snapshot(step)
+        except TrainingError as e:
+            msg = str(e)
+    if any_rank(bool(msg), run.device):
+        raise TrainingError(msg or f"cannot write the post-hoc EMA snapshot of step {step} "
+                                   f"(failed on the main process)")
+
+
 def training_loss(run, batch):
-    """Noise-prediction loss of one batch under the LDM's prediction type (VAE encoding without gradients)."""
+    """Denoising loss of one batch under the LDM's prediction type (VAE encoding without gradients).
+
+    --snr_gamma > 0: min-SNR-gamma weighted per sample; 0: the plain MSE (the numerics before the flag existed)."""
     acc, device = run.accelerator, run.device
     images = batch["image"].to(device, non_blocking=True)
     masks = batch["mask"].to(device, non_blocking=True)
@@ -393,7 +464,11 @@ def training_loss(run, batch):
     noise = torch.randn_like(latents)
     t = torch.randint(0, run.sched.config.num_train_timesteps, (latents.shape[0],), device=device)
     pred = run.model(run.sched.add_noise(latents, noise, t), t, labels, masks)
-    return F.mse_loss(pred.float(), training_target(run.sched, latents, noise, t).float())
+    target = training_target(run.sched, latents, noise, t).float()
+    if run.args.snr_gamma > 0:
+        per = F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1)
+        return (per * min_snr_weights(run.sched, t, run.args.snr_gamma)).mean()
+    return F.mse_loss(pred.float(), target)
 
 
 def epoch_due(args, epoch):
@@ -439,7 +514,8 @@ def end_of_epoch(run, log, ds, epoch, nxt, step, best, done, train_idx, val_idx,
 
 @torch.no_grad()
 def validate(run, ds, val_idx):
-    """Mean noise-prediction loss on the held-out pairs with fixed noise (comparable across epochs)."""
+    """Mean denoising loss on the held-out pairs with fixed noise (comparable across epochs, and across
+    runs: never min-SNR weighted)."""
     # the unwrapped module: DDP forwards on uneven shards could wait on each other
     model, acc, sched, args = run.raw_model, run.accelerator, run.sched, run.args
     model.eval()

@@ -12,6 +12,11 @@ progress.gif (the grids animated; same seeds every time) and, with --cache_laten
 and every step's noise comes from a generator seeded by (seed, rank, step), so a resumed run continues
 bit-identically on CPU. The loop is `main`; the plumbing (errors, seeds, stop flags, checkpoint I/O,
 EMA, logging) comes from the vendored runtime.py and the accelerate helpers in utils.py.
+
+Objective: --prediction_type epsilon|v_prediction (what the UNet predicts; stored in the checkpoint's
+noise_scheduler_config, which every sampler is built from) and --snr_gamma G (min-SNR-gamma weighting,
+Hang et al. 2023; 0 = off). --posthoc_ema_every_steps N writes post-hoc EMA snapshots (EDM2) to
+<output_dir>/posthoc_ema/ (rebuild any EMA length later with posthoc_ema.py). A resumed run keeps all four.
 """
 import contextlib
 import math
@@ -25,9 +30,11 @@ import torch
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_snr
 
 import animation
 import medical
+import posthoc_ema
 from dataset import (EpochBatches, ImageDataset, LatentDataset, cache_key, encode_dataset, fit_window, groups_of,
                      load_latent_cache, read_options, scan_class_folders, split_train_val)
 from models import (DEFAULT_NOISE_SCHEDULE, DEFAULT_VAE, UNET_PRESETS, ClassEmbedder, Denoiser, build_unet,
@@ -35,8 +42,12 @@ from models import (DEFAULT_NOISE_SCHEDULE, DEFAULT_VAE, UNET_PRESETS, ClassEmbe
                     vae_identity, vae_posterior)
 from runtime import (FlagParser, StopFlags, Throughput, UserError, atomic_save, check_writable, generator,
                      memory_mb, optimizer_kwargs, param_table, remove_stale_temporaries, rng_state, run_main)
-from utils import (WarmupEMA, add_run_flags, check_run_flags, finish, load_resume_checkpoint, make_loader,
-                   optimizer_steps, restore_training_state, save_checkpoint, start_run)
+from utils import (WarmupEMA, add_run_flags, check_run_flags, finish, keep_on_resume, load_resume_checkpoint,
+                   make_loader, optimizer_steps, restore_training_state, save_checkpoint, start_run, write_on_main)
+
+# Settings a run keeps for life: None on the command line = "not given" (the default, or the resumed run's value).
+LIFELONG_DEFAULTS = dict(prediction_type="epsilon", snr_gamma=0.0, posthoc_ema_every_steps=0,
+                         posthoc_ema_sigma_rels="0.05,0.1")  # posthoc_ema.add_flags' default, one spelling
 
 
 def parse_args(argv=None):
@@ -58,7 +69,10 @@ def parse_args(argv=None):
     p.add_argument("--num_train_timesteps", type=int, default=DEFAULT_NOISE_SCHEDULE["num_train_timesteps"])
     p.add_argument("--beta_schedule", default=DEFAULT_NOISE_SCHEDULE["beta_schedule"],
                    choices=["linear", "scaled_linear", "squaredcos_cap_v2"])
-    p.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
+    p.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"],
+                   help="what the UNet predicts (default epsilon; a resumed run keeps its own)")
+    p.add_argument("--snr_gamma", type=float, default=None,
+                   help="min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5; 0 = off (default)")
     p.add_argument("--ema_decay", type=float, default=0.9999, help="with a warm-up: min(decay, (1+step)/(10+step))")
     p.add_argument("--no_ema", action="store_true", help="train without an EMA copy")
     p.add_argument("--val_split", type=float, default=0.1, help="fraction of each class held out for validation")
@@ -67,6 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--grid_per_class", type=int, default=4)
     p.add_argument("--cache_latents", action="store_true", help="encode the data once and reuse the latents")
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
+    posthoc_ema.add_flags(p)
+    p.set_defaults(posthoc_ema_every_steps=None, posthoc_ema_sigma_rels=None)  # None: not given (see keep_on_resume)
     return p.parse_args(argv)
 
 
@@ -78,9 +94,14 @@ def validate_args(a):
                     (a.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1"),
                     (0 <= a.ema_decay < 1, "--ema_decay must be in [0, 1)"),
                     (a.val_every_epochs >= 1, "--val_every_epochs must be >= 1"),
-                    (a.sample_every_epochs >= 0, "--sample_every_epochs must be >= 0")]:
+                    (a.sample_every_epochs >= 0, "--sample_every_epochs must be >= 0"),
+                    (a.snr_gamma is None or a.snr_gamma >= 0, "--snr_gamma must be >= 0 (0 = off)"),
+                    (a.posthoc_ema_every_steps is None or a.posthoc_ema_every_steps >= 0,
+                     "--posthoc_ema_every_steps must be >= 0 (0 = off)")]:
         if not ok:
             raise UserError(msg)
+    if a.posthoc_ema_sigma_rels is not None:  # one spelling, so that a resumed run compares equal
+        a.posthoc_ema_sigma_rels = ",".join(f"{v:g}" for v in posthoc_ema.parse_sigma_rels(a.posthoc_ema_sigma_rels))
 
 
 def draw_noise(gen, shape, cfg_dropout, num_train_timesteps):
@@ -93,9 +114,25 @@ def draw_noise(gen, shape, cfg_dropout, num_train_timesteps):
     return eps_z, drop, t, noise
 
 
+def min_snr_weights(noise_scheduler, t, snr_gamma):
+    """Per-sample min-SNR-gamma weights (Hang et al. 2023) for the scheduler's prediction type."""
+    snr = compute_snr(noise_scheduler, t)  # alpha_bar / (1 - alpha_bar) of the training schedule
+    # The paper weights the x0-MSE by min(SNR, gamma); the eps-MSE is SNR x the x0-MSE and the v-MSE is
+    # (SNR + 1) x the x0-MSE, hence the divisions. gamma / SNR clamped at 1 equals min(SNR, gamma) / SNR and
+    # stays finite where a cosine schedule's last SNR underflows to 0.
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return torch.clamp(snr_gamma / snr, max=1.0)
+    if kind == "v_prediction":
+        return torch.clamp(snr, max=snr_gamma) / (snr + 1)
+    raise UserError(f"--snr_gamma: no min-SNR weighting for prediction_type {kind!r}")
+
+
 def diffusion_loss(model, mean, std, labels, rand, noise_scheduler, scaling_factor, num_classes, device,
-                   per_sample=False):
-    """Noise-prediction MSE for one batch given the posterior (mean, std) and pre-drawn randomness `rand`."""
+                   per_sample=False, snr_gamma=0.0):
+    """Denoising MSE (eps or v target) of one batch given the posterior (mean, std) and pre-drawn `rand`.
+
+    snr_gamma > 0: min-SNR-gamma weighted per sample; 0: the plain mean (today's numerics exactly)."""
     eps_z, drop, t, noise = (r.to(device) for r in rand)
     mean, std = mean.to(device).float(), std.to(device).float()
     latents = (mean + std * eps_z) * scaling_factor  # a fresh posterior sample every step
@@ -105,6 +142,9 @@ def diffusion_loss(model, mean, std, labels, rand, noise_scheduler, scaling_fact
         noise_scheduler.get_velocity(latents, noise, t)
     pred = model(noisy, t, labels)
     err = (pred.float() - target.float()) ** 2
+    if snr_gamma > 0:
+        per = err.flatten(1).mean(1) * min_snr_weights(noise_scheduler, t, snr_gamma)
+        return per if per_sample else per.mean()
     return err.flatten(1).mean(1) if per_sample else err.mean()
 
 
@@ -120,7 +160,9 @@ def make_encoder(vae, accelerator):
 @torch.no_grad()
 def validation_loss(model, val_items, get_params, noise_scheduler, scaling_factor, seed, device, rank, world,
                     batch_size=32):
-    """Sum and count of per-image losses over this rank's share of the validation set, noise fixed per image."""
+    """Sum and count of per-image losses over this rank's share of the validation set, noise fixed per image.
+
+    Never min-SNR weighted: the validation loss stays comparable across runs with other --snr_gamma."""
     total, count = torch.zeros(1, device=device), torch.zeros(1, device=device)
     mine = val_items[rank::world]
     T = noise_scheduler.config.num_train_timesteps
@@ -136,7 +178,8 @@ def validation_loss(model, val_items, get_params, noise_scheduler, scaling_facto
     return total, count
 
 
-def build_checkpoint(args, denoiser, ema, optimizer, lr_scheduler, accelerator, meta, step, epoch, pos, best):
+def build_checkpoint(args, denoiser, ema, optimizer, lr_scheduler, accelerator, meta, step, epoch, pos, best,
+                     phema=None):
     """The plain-dict checkpoint (its keys and meaning are what controlnet/ reads: do not change them)."""
     return {
         "model_type": "ldm", "format_version": 1,
@@ -155,6 +198,7 @@ def build_checkpoint(args, denoiser, ema, optimizer, lr_scheduler, accelerator, 
         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
         "step": step, "epoch": epoch, "position_in_epoch": pos,
         "rng_state": rng_state(), "best_val_loss": best,
+        "posthoc_ema": phema.state_dict() if phema is not None else None,
     }
 
 
@@ -162,6 +206,12 @@ def check_inputs(args, out):
     """Everything a user can get wrong, checked before any heavy work or write -> what was built on the way."""
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
     resume = load_resume_checkpoint(args, out, "ldm")
+    lifelong = None if resume is None else {  # the sampler config's prediction_type is what inference uses
+        **(resume.get("config") or {}), "prediction_type": resume["noise_scheduler_config"].get("prediction_type")}
+    keep_on_resume(args, lifelong, LIFELONG_DEFAULTS)
+    if args.no_ema and args.posthoc_ema_every_steps:
+        raise UserError("--posthoc_ema_every_steps rebuilds the checkpoint's EMA entries, which --no_ema leaves "
+                        "empty; drop --no_ema")
     stored = (resume.get("config") or {}).get("intensity") if resume is not None else None
     opts = read_options(args, stored)  # a resumed run keeps its window (never re-fitted)
     class_names, samples, image_channels = scan_class_folders(args.data_root, opts)
@@ -246,7 +296,7 @@ def make_data(args, b, accelerator, out, log):
     return ds, batch_params, val_params
 
 
-def restore(ck, denoiser, ema, optimizer, lr_scheduler, accelerator, steps_per_epoch):
+def restore(ck, denoiser, ema, optimizer, lr_scheduler, accelerator, steps_per_epoch, phema):
     """Load a resume checkpoint into the run -> (step, epoch, position_in_epoch, best_val_loss)."""
     if ck is None:
         return 0, 0, 0, math.inf
@@ -255,6 +305,7 @@ def restore(ck, denoiser, ema, optimizer, lr_scheduler, accelerator, steps_per_e
     if ema is not None and ck.get("ema_unet") is not None:
         ema.model.unet.load_state_dict(ck["ema_unet"])
         ema.model.class_embedder.load_state_dict(ck["ema_class_embedder"])
+    phema.load_state_dict(ck.get("posthoc_ema"))
     return (*restore_training_state(ck, optimizer, lr_scheduler, accelerator, steps_per_epoch),
             ck["best_val_loss"])
 
@@ -335,8 +386,14 @@ def main(argv=None):
     ema = None if args.no_ema else WarmupEMA(denoiser, args.ema_decay)
     if ema is not None:
         ema.model.to(device)
+    # keys: the checkpoint entries a reconstruction replaces; modules: the trained weights (not the EMA copy)
+    phema = posthoc_ema.PostHocEMA({"ema_unet": denoiser.unet, "ema_class_embedder": denoiser.class_embedder},
+                                   posthoc_ema.parse_sigma_rels(args.posthoc_ema_sigma_rels),
+                                   args.posthoc_ema_every_steps, out / "posthoc_ema",
+                                   active=accelerator.is_main_process)  # only rank 0 keeps and writes them
     model, optimizer = accelerator.prepare(torch.compile(denoiser) if args.compile else denoiser, optimizer)
-    step, epoch, pos, best = restore(b.resume, denoiser, ema, optimizer, lr_scheduler, accelerator, steps_per_epoch)
+    step, epoch, pos, best = restore(b.resume, denoiser, ema, optimizer, lr_scheduler, accelerator, steps_per_epoch,
+                                     phema)
     last, saved, last_good = out / "checkpoint_last.pt", None, "none written yet"
     if b.resume is not None:
         src = last if args.resume == "auto" else args.resume
@@ -344,7 +401,8 @@ def main(argv=None):
         saved, last_good, b.resume = step, f"{src} (step {step})", None
 
     def ckpt():
-        return build_checkpoint(args, denoiser, ema, optimizer, lr_scheduler, accelerator, meta, step, epoch, pos, best)
+        return build_checkpoint(args, denoiser, ema, optimizer, lr_scheduler, accelerator, meta, step, epoch, pos, best,
+                                phema)
 
     writer = None
     if accelerator.is_main_process:
@@ -355,7 +413,11 @@ def main(argv=None):
     sampler = EpochBatches(b.train_idx, args.batch_size, world, rank, args.seed, epoch)
     loader = make_loader(train_ds, sampler, args.num_workers)
     log.info(f"training: {total_steps} steps ({steps_per_epoch} per epoch), global batch "
-             f"{args.batch_size * world * accum}, lr {args.learning_rate}, EMA {'off' if ema is None else args.ema_decay}")
+             f"{args.batch_size * world * accum}, lr {args.learning_rate}, EMA {'off' if ema is None else args.ema_decay}"
+             f", predicts {args.prediction_type}, min-SNR gamma {args.snr_gamma:g}"
+             f"{' (off)' if not args.snr_gamma else ''}"
+             + (f", post-hoc EMA sigma_rel {args.posthoc_ema_sigma_rels} every {args.posthoc_ema_every_steps} steps"
+                if args.posthoc_ema_every_steps else ""))
     throughput, loss_sum, n_logged, reason = Throughput(), torch.zeros(1, device=device), 0, None
     model.train()
     with StopFlags(device=device) as stop:
@@ -367,7 +429,7 @@ def main(argv=None):
                                   args.num_train_timesteps)
                 with contextlib.nullcontext() if k == accum - 1 else accelerator.no_sync(model):
                     loss = diffusion_loss(model, mean, std, labels, rand, noise_scheduler, meta["scaling_factor"],
-                                          len(b.class_names), device)
+                                          len(b.class_names), device, snr_gamma=args.snr_gamma)
                     loss = stop.check_loss(loss, step + 1, last_good)  # NaN/inf on any rank: stop before backward
                     accelerator.backward(loss / accum)
                 loss_sum += loss.detach() / accum
@@ -379,6 +441,9 @@ def main(argv=None):
             if ema is not None:
                 ema.update(denoiser, step)
             step, pos, n_logged = step + 1, pos + 1, n_logged + 1
+            phema.update(step)
+            if args.posthoc_ema_every_steps and step % args.posthoc_ema_every_steps == 0:
+                write_on_main(accelerator, lambda: phema.maybe_snapshot(step), out / "posthoc_ema")
             throughput.add(args.batch_size * world * accum)
             if step % args.log_every_steps == 0 or step == total_steps:
                 log_step(r, step, total_steps, epoch, loss_sum, n_logged, lr_scheduler.get_last_lr()[0], throughput)

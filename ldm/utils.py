@@ -93,15 +93,37 @@ def start_run(args, out, name):
 
 def save_checkpoint(accelerator, make_ckpt, path):
     """Rank 0 writes atomically; every rank learns whether it worked (so none hangs or carries on alone)."""
+    write_on_main(accelerator, lambda: atomic_save(make_ckpt(), path), path)
+
+
+def write_on_main(accelerator, write, path):
+    """Run `write()` on rank 0 only; a TrainingError there is raised on every rank (none waits forever)."""
     accelerator.wait_for_everyone()
     ok, msg = 1.0, ""
     if accelerator.is_main_process:
         try:
-            atomic_save(make_ckpt(), path)
+            write()
         except TrainingError as e:
             ok, msg = 0.0, str(e)
     if accelerator.reduce(torch.tensor([ok], device=accelerator.device), "min").item() < 1:
         raise TrainingError(msg or f"cannot write {path} (failed on the main process)")
+
+
+def keep_on_resume(args, stored, defaults):
+    """Settings a run keeps for life: a flag left out (None) takes the resumed run's value (`stored`, a dict;
+    runs from before the setting existed had its default) or, in a new run, its default; a flag given
+    with another value than the resumed run's is an error naming it."""
+    for key, default in defaults.items():
+        given = getattr(args, key)
+        if stored is None:
+            setattr(args, key, default if given is None else given)
+            continue
+        kept = stored.get(key, default)
+        kept = default if kept is None else kept
+        if given is not None and given != kept:
+            raise UserError(f"--{key} {given} disagrees with the run being resumed ({key}={kept}); drop the flag "
+                            f"or use another --output_dir")
+        setattr(args, key, kept)
 
 
 def make_loader(ds, sampler, num_workers):

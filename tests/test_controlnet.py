@@ -4,12 +4,14 @@ one written by ldm/train.py itself for the LDM -> ControlNet contract.
 
     OMP_NUM_THREADS=1 python -m pytest tests/test_controlnet.py -q
 """
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,6 +27,9 @@ dataset, models, train, inference, runtime = load_folder("controlnet", "dataset"
 install_fault_hooks(runtime)  # DIFFUSION_FAULT_NAN_AT_STEP for the in-process runs below
 
 NUM_CLASSES = 3
+# The reference run trains with min-SNR weighting and post-hoc EMA snapshots (issue 18); its resume in
+# test_train_writes_best_last_and_resumes_bit_identical leaves these flags out: a resumed run keeps them.
+OBJECTIVE = ["--snr_gamma", 5, "--posthoc_ema_every_steps", 4]
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -90,9 +95,9 @@ def base_args(work, out, *extra):
 
 @pytest.fixture(scope="module")
 def trained(work):
-    """One 2-epoch training run (uninterrupted reference for resume; checkpoint for inference)."""
+    """One 3-epoch training run (uninterrupted reference for resume; checkpoint for inference)."""
     out = work["root"] / "run_ref"
-    run_train(base_args(work, out, "--num_epochs", 3))
+    run_train(base_args(work, out, "--num_epochs", 3, *OBJECTIVE))
     return out
 
 
@@ -229,6 +234,61 @@ def test_bf16_loss_agrees_with_fp32(work):
     assert np.isfinite(losses).all() and abs(losses[0] - losses[1]) < 0.02 * losses[0]
 
 
+def reference_min_snr(cfg, kind, t, gamma):
+    """Hang et al. 2023 from the schedule's definition in float64: min(SNR, g) / SNR (eps), / (SNR + 1) (v),
+    min(SNR, g) (x0); SNR = alpha_bar / (1 - alpha_bar) of the linear betas."""
+    betas = torch.linspace(cfg["beta_start"], cfg["beta_end"], cfg["num_train_timesteps"], dtype=torch.float64)
+    ac = torch.cumprod(1 - betas, 0)[t]
+    snr = ac / (1 - ac)
+    clipped = snr.clamp(max=gamma)
+    return {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[kind]
+
+
+def test_min_snr_weights_and_weighted_training_loss(work):
+    cfg = models.load_ldm(work["ldm"]).noise_scheduler_config
+    t = torch.tensor([0, 3, 20, 50, 99])
+    for kind in ("epsilon", "v_prediction", "sample"):
+        sched = models.noise_scheduler({**cfg, "prediction_type": kind})
+        got = models.min_snr_weights(sched, t, 5.0).double()
+        assert torch.allclose(got, reference_min_snr(cfg, kind, t, 5.0), rtol=2e-3), kind  # float32 1 - alpha_bar
+        assert got.min() > 0 and not torch.allclose(got, torch.ones_like(got))
+    # training_loss: --snr_gamma 0 is the plain MSE, gamma > 0 scales each sample's MSE by its weight (batch of 1)
+    ldm = models.load_ldm(work["ldm"])
+    cn = models.build_controlnet(ldm.unet, 1, ldm.vae_factor)
+    model = models.ControlledUNet(ldm.unet, cn, models.DummyEncoder(16, ldm.class_embedder.embedding.weight[-1]))
+    run = SimpleNamespace(accelerator=SimpleNamespace(autocast=contextlib.nullcontext), device=torch.device("cpu"),
+                          vae=ldm.vae, ldm=ldm, model=model, sched=models.noise_scheduler(cfg))
+    batch = {"image": torch.rand(1, 1, 32, 32) * 2 - 1, "mask": (torch.rand(1, 1, 32, 32) > 0.5).float(),
+             "label": torch.tensor([NUM_CLASSES])}
+    with torch.no_grad():
+        losses = {}
+        for gamma in (0.0, 5.0):
+            run.args = SimpleNamespace(snr_gamma=gamma)
+            torch.manual_seed(11)  # the same posterior sample and noise for both
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(torch, "randint", lambda *a, **k: torch.tensor([20]))  # the timestep drawn
+                losses[gamma] = train.training_loss(run, batch)
+    w = reference_min_snr(cfg, "epsilon", torch.tensor([20]), 5.0).float()
+    assert w.item() < 0.5  # t = 20: SNR well above 5, so the weight really acts
+    assert torch.allclose(losses[5.0], losses[0.0] * w, rtol=1e-5)
+
+
+def test_controlnet_on_a_v_prediction_ldm(work, tmp_path, capsys):
+    ck = load(work["ldm"])
+    ck["noise_scheduler_config"] = {**ck["noise_scheduler_config"], "prediction_type": "v_prediction"}
+    ldm_v = tmp_path / "ldm_v.pt"
+    torch.save(ck, ldm_v)
+    args = ["--data_root", work["data"], "--ldm_checkpoint", ldm_v, "--batch_size", 4, "--max_train_steps", 1,
+            "--sample_steps", 0, "--val_fraction", 0, "--snr_gamma", 2]
+    expect_error(capsys, run_train, args + ["--output_dir", tmp_path / "no", "--prediction_type", "epsilon"],
+                 r"--prediction_type epsilon: the LDM .*ldm_v\.pt predicts v_prediction")
+    assert not (tmp_path / "no").exists()
+    run_train(args + ["--output_dir", tmp_path / "cn"])  # no flag: the LDM's prediction type
+    got = load(tmp_path / "cn" / "checkpoint_last.pt")
+    assert got["config"]["prediction_type"] == "v_prediction" and got["config"]["snr_gamma"] == 2.0
+    assert got["posthoc_ema"] is None and got["config"]["posthoc_ema_every_steps"] == 0
+
+
 # ---------------------------------------------------------------------------------------------- training
 def test_train_writes_best_last_and_resumes_bit_identical(work, trained, capsys):
     ref = load(trained / "checkpoint_last.pt")
@@ -247,7 +307,7 @@ def test_train_writes_best_last_and_resumes_bit_identical(work, trained, capsys)
     out = work["root"] / "run_resume"
     os.environ["DIFFUSION_FAULT_NAN_AT_STEP"] = "8"
     try:
-        expect_error(capsys, run_train, base_args(work, out, "--num_epochs", 3, "--ckpt_every_steps", 3),
+        expect_error(capsys, run_train, base_args(work, out, "--num_epochs", 3, "--ckpt_every_steps", 3, *OBJECTIVE),
                      r"loss is nan at step 8", code=1)
     finally:
         del os.environ["DIFFUSION_FAULT_NAN_AT_STEP"]
@@ -263,6 +323,18 @@ def test_train_writes_best_last_and_resumes_bit_identical(work, trained, capsys)
     for i, st in ref["optimizer"]["state"].items():
         assert all(torch.equal(st[n], got["optimizer"]["state"][i][n]) for n in st)
     assert got["global_step"] == 15 and got["val_loss"] == ref["val_loss"]
+    # the objective was kept (not repeated on the command line); post-hoc EMA state and snapshots are exact
+    assert got["config"]["snr_gamma"] == ref["config"]["snr_gamma"] == 5.0
+    assert got["config"]["prediction_type"] == "epsilon" and got["posthoc_ema"]["every_steps"] == 4
+    assert "min-SNR gamma 5, post-hoc EMA sigma_rel 0.05,0.1 every 4 steps" in (out / "log.txt").read_text()
+    for avg_r, avg_g in zip(ref["posthoc_ema"]["averages"], got["posthoc_ema"]["averages"], strict=True):
+        assert all(torch.equal(t, avg_g["ema_controlnet"][n]) for n, t in avg_r["ema_controlnet"].items())
+    assert sorted(p.name for p in (trained / "posthoc_ema").iterdir()) == [f"phema_{s:07d}.pt" for s in (4, 8, 12)]
+    for name in ("phema_0000008.pt", "phema_0000012.pt"):  # both written after the resume (from step 6)
+        a, b = load(trained / "posthoc_ema" / name), load(out / "posthoc_ema" / name)
+        assert set(a["averages"][0]["ema_controlnet"]) == set(ref["ema_controlnet"])
+        for avg_a, avg_b in zip(a["averages"], b["averages"], strict=True):
+            assert all(torch.equal(t, avg_b["ema_controlnet"][n]) for n, t in avg_a["ema_controlnet"].items())
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # dynamo notes about lru_cache in diffusers
@@ -447,6 +519,15 @@ def test_bad_inputs_give_one_line_errors(work, trained, tmp_path, capsys):
                  r"unknown class 'digit_9'; the LDM's classes are: digit_0, digit_1, digit_2")
     expect_error(capsys, train.main, ["--data_root", d, *tr, "--class_labels_csv", work["root"] / "labels.csv"],
                  r"has no class for 6 image")
+    # the objective: the LDM's prediction type only (one line), gamma >= 0, a resumed run's gamma kept
+    err = expect_error(capsys, train.main, ["--data_root", d, *tr, "--prediction_type", "v_prediction"],
+                       r"--prediction_type v_prediction: the LDM .*ldm_f4_s0\.pt predicts epsilon", "drop the flag")
+    assert len(err.strip().splitlines()) == 1
+    expect_error(capsys, train.main, ["--data_root", d, *tr, "--snr_gamma", -1], r"--snr_gamma is out of range: -1")
+    expect_error(capsys, train.main, ["--data_root", d, *tr, "--posthoc_ema_sigma_rels", "0.5"],
+                 r"--posthoc_ema_sigma_rels '0\.5'")
+    expect_error(capsys, run_train, base_args(work, trained, "--num_epochs", 3, "--resume", "--snr_gamma", 0),
+                 r"was trained with snr_gamma=5\.0, this run asks for 0\.0", "--output_dir")
     assert not out.exists()
 
     inf = ["--checkpoint", ck, "--ldm_checkpoint", work["ldm"], "--output_dir", out]

@@ -25,7 +25,10 @@ CLASSES = ["cls_a", "cls_b", "cls_c"]
 CKPT_KEYS = {"model_type", "format_version", "unet_config", "unet", "ema_unet", "class_embedder",
              "ema_class_embedder", "class_names", "num_classes", "vae", "vae_scaling_factor", "image_size",
              "image_channels", "noise_scheduler_config", "config", "optimizer", "lr_scheduler", "scaler", "step",
-             "epoch", "position_in_epoch", "rng_state", "best_val_loss"}
+             "epoch", "position_in_epoch", "rng_state", "best_val_loss", "posthoc_ema"}
+# The reference run trains with min-SNR weighting and post-hoc EMA snapshots (issue 18); its resume in
+# test_resume_is_bit_identical leaves these flags out: a resumed run keeps them.
+OBJECTIVE = ["--snr_gamma", "5", "--posthoc_ema_every_steps", "2"]
 
 
 def write_classes(root, per_class=6, size=16, classes=CLASSES, seed=0):
@@ -67,9 +70,9 @@ def base_flags(data, vae, out):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data, tiny_vae):
-    """An uninterrupted 2-epoch run (3 steps per epoch)."""
+    """An uninterrupted 2-epoch run (3 steps per epoch), min-SNR gamma 5, post-hoc EMA snapshots every 2 steps."""
     out = tmp_path_factory.mktemp("run") / "full"
-    proc = run_script("ldm", ["train.py"] + base_flags(data, tiny_vae, out))
+    proc = run_script("ldm", ["train.py"] + base_flags(data, tiny_vae, out) + OBJECTIVE)
     return out, proc
 
 
@@ -250,6 +253,9 @@ def test_train_writes_best_and_last_checkpoints(trained):
     assert not torch.equal(last["unet"]["conv_in.weight"], last["ema_unet"]["conv_in.weight"])
     assert "validation loss" in proc.stdout and np.isfinite(last["best_val_loss"])
     assert list((out / "tensorboard").iterdir())
+    assert last["config"]["snr_gamma"] == 5.0 and last["noise_scheduler_config"]["prediction_type"] == "epsilon"
+    assert sorted(p.name for p in (out / "posthoc_ema").iterdir()) == [f"phema_{s:07d}.pt" for s in (2, 4, 6)]
+    assert last["posthoc_ema"]["every_steps"] == 2 and "min-SNR gamma 5" in proc.stdout
 
 
 def test_compile_trains_like_eager(tmp_path, data, tiny_vae):
@@ -274,11 +280,11 @@ def test_resume_is_bit_identical(tmp_path, data, tiny_vae, trained):
     full, _ = trained
     out = tmp_path / "resumed"
     flags = base_flags(data, tiny_vae, out)
-    run_script("ldm", ["train.py"] + flags + ["--max_train_steps", "4"])  # stops 1 step into epoch 2
+    run_script("ldm", ["train.py"] + flags + OBJECTIVE + ["--max_train_steps", "4"])  # stops 1 step into epoch 2
     mid = load(out / "checkpoint_last.pt")
     assert mid["step"] == 4 and mid["epoch"] == 1 and mid["position_in_epoch"] == 1
-    proc = run_script("ldm", ["train.py"] + flags + ["--resume"])
-    assert "resumed from" in proc.stdout and "step 4" in proc.stdout
+    proc = run_script("ldm", ["train.py"] + flags + ["--resume"])  # without OBJECTIVE: the run keeps its own
+    assert "resumed from" in proc.stdout and "step 4" in proc.stdout and "min-SNR gamma 5" in proc.stdout
     a, b = load(full / "checkpoint_last.pt"), load(out / "checkpoint_last.pt")
     assert b["step"] == 6
     for key in ("unet", "ema_unet", "class_embedder", "ema_class_embedder"):
@@ -288,6 +294,14 @@ def test_resume_is_bit_identical(tmp_path, data, tiny_vae, trained):
         for name, t in st.items():
             assert torch.equal(t, b["optimizer"]["state"][pid][name]), (pid, name)
     assert a["best_val_loss"] == b["best_val_loss"]
+    # post-hoc EMA: the tracked averages and the snapshot written after the resume are those of the full run
+    for avg_a, avg_b in zip(a["posthoc_ema"]["averages"], b["posthoc_ema"]["averages"], strict=True):
+        for key in ("ema_unet", "ema_class_embedder"):
+            assert all(torch.equal(t, avg_b[key][n]) for n, t in avg_a[key].items()), key
+    snap_a, snap_b = (load(d / "posthoc_ema" / "phema_0000006.pt") for d in (full, out))
+    assert snap_a["step"] == snap_b["step"] == 6
+    for avg_a, avg_b in zip(snap_a["averages"], snap_b["averages"], strict=True):
+        assert all(torch.equal(t, avg_b["ema_unet"][n]) for n, t in avg_a["ema_unet"].items())
 
 
 def test_accelerate_two_processes(tmp_path, data, tiny_vae):

@@ -24,5 +24,7 @@ fi
     --freeze_unet \
     --mask_channels 1 \
     --mixed_precision fp16 \
+    --snr_gamma 0 \
+    --posthoc_ema_every_steps 0 \
     --ckpt_every_steps 1000 \
     ${RESUME[@]+"${RESUME[@]}"}
