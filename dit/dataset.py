@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, Sampler
 import medical
 from imaging import (ALL_EXTENSIONS, ImageError, check_image, decode_image, is_image_file, list_images,
                      resize_image)
+from runtime import atomic_save, barrier
 from utils import UserError
 
 
@@ -114,11 +115,13 @@ class ImageFolderDataset(Dataset):
 
 
 class CachedLatentDataset(Dataset):
-    """Items (index, flip) -> (posterior mean, posterior std, label) from a latent cache."""
+    """Items (index, flip) -> (posterior mean, posterior std, label) from a latent cache, plus the REPA targets
+    of that image (and flip) when `features` (N, 2, ...) is given."""
 
-    def __init__(self, cache, labels):
+    def __init__(self, cache, labels, features=None):
         self.mean, self.std = cache["mean"], cache["std"]  # (N, 2, C, h, w); [:, 1] = flipped image
         self.labels = labels
+        self.features = features
 
     def __len__(self):
         return len(self.labels)
@@ -126,7 +129,9 @@ class CachedLatentDataset(Dataset):
     def __getitem__(self, item):
         index, flip = item
         f = int(bool(flip))
-        return self.mean[index, f], self.std[index, f], self.labels[index]
+        if self.features is None:
+            return self.mean[index, f], self.std[index, f], self.labels[index]
+        return self.mean[index, f], self.std[index, f], self.labels[index], self.features[index, f]
 
 
 class ResumableSampler(Sampler):
@@ -184,3 +189,44 @@ def cache_path(results_dir, data_path, image_size, vae_name):
     """Where the latent cache of (data folder, image size, VAE) lives."""
     key = hashlib.sha256(json.dumps([os.path.abspath(data_path), image_size, vae_name]).encode())
     return Path(results_dir) / "latent_cache" / f"latents-{key.hexdigest()[:16]}.pt"
+
+
+def build_cache(path, fingerprint, dataset, encode, rank, world, logger, words, meta=None):
+    """Per-image tensors of the image and its mirror image, computed once and reused while `fingerprint` holds.
+
+    encode(x) -> {name: (B, 2, ...) CPU tensor} for images x (B, C, S, S) in [-1, 1] ([:, 1]: of x.flip(-1));
+    each rank encodes every world-th image, rank 0 merges the parts. words: (reusing, stale, encoding)
+    messages, each formatted with path and n. Returns the cache (memory-mapped)."""
+    reuse, stale, encoding = words
+    if path.is_file():
+        try:
+            cache = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - a broken cache is rebuilt
+            cache = {}
+        if cache.get("fingerprint") == fingerprint:
+            logger.info(reuse.format(path=path, n=len(dataset)))
+            return cache
+        logger.info(stale.format(path=path, n=len(dataset)))
+    logger.info(encoding.format(path=path, n=len(dataset)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mine = list(range(rank, len(dataset), world))
+    parts, bs = {}, 32
+    for i in range(0, len(mine), bs):
+        x = torch.stack([dataset.load(j) for j in mine[i:i + bs]])
+        for name, t in encode(x).items():
+            parts.setdefault(name, []).append(t)
+    part = path.with_name(path.name + f".part{rank}")
+    atomic_save({"idx": torch.tensor(mine), **{k: torch.cat(v) for k, v in parts.items()}}, part)
+    barrier()
+    if rank == 0:
+        pieces = [torch.load(path.with_name(path.name + f".part{r}"), weights_only=True) for r in range(world)]
+        names = [k for k in pieces[0] if k != "idx"]
+        full = {k: torch.empty(len(dataset), *pieces[0][k].shape[1:], dtype=pieces[0][k].dtype) for k in names}
+        for prt in pieces:
+            for k in names:
+                full[k][prt["idx"]] = prt[k]
+        atomic_save({"fingerprint": fingerprint, **full, **(meta or {})}, path)
+        for r in range(world):
+            path.with_name(path.name + f".part{r}").unlink()
+    barrier()
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import animation
+import flow
 import writers
 from diffusion import create_diffusion
 from download import PRETRAINED, download_model, pretrained_name
@@ -34,6 +35,10 @@ from utils import load_vae
 # The class labels the official sample.py shows for ImageNet models.
 OFFICIAL_EXAMPLE_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 INTERP_STEPS = 50  # DDIM steps of an interpolation unless --num-sampling-steps says otherwise
+# --sampler per objective (the checkpoint's config["objective"]); the first is the default.
+SAMPLERS = {"diffusion": ("ddpm", "ddim"), "flow": flow.SAMPLERS}
+DETERMINISTIC = {"diffusion": "ddim", "flow": "heun"}  # the interpolation sampler of each objective
+DEFAULT_STEPS = {"diffusion": 250, "flow": flow.DEFAULT_STEPS}
 
 
 def add_model_args(p):
@@ -49,17 +54,20 @@ def add_model_args(p):
                    help="default: the checkpoint's; an error if it contradicts the checkpoint")
     p.add_argument("--vae", default=None,
                    help="ema | mse | <hub id> | <folder>; default: the training VAE (mse for official weights)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None,
-                   help="respaced ancestral DDPM (the paper's; the default) or DDIM (deterministic with --eta 0; "
-                        "always for an interpolation)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun", "sde"], default=None,
+                   help="diffusion checkpoints: respaced ancestral DDPM (the paper's; the default) or DDIM "
+                        "(deterministic with --eta 0; always for an interpolation); flow checkpoints: the ODE with "
+                        "heun (the default) or euler steps, or sde (Euler-Maruyama); default: the checkpoint's")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
     p.add_argument("--num-sampling-steps", type=int, default=None,
-                   help="default 250 (sample.py: 50 for an interpolation)")
+                   help="default 250 for diffusion checkpoints, 50 for flow ones (sample.py: 50 for an interpolation)")
     p.add_argument("--cfg-channels", choices=["auto", "3", "all"], default="auto",
                    help="eps channels that CFG guides: 3 = the official code's rule (its published FIDs), "
                         "all = standard CFG; auto = 3 for official weights, all for our checkpoints")
     p.add_argument("--guide-all-channels", action="store_true", help="same as --cfg-channels all")
-    p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto")
+    p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="no",
+                   help="DiT + VAE decode under bf16/fp16 autocast (auto: bf16 where native, fp16 on older GPUs, "
+                        "else fp32); images differ slightly from fp32 and go to a folder named after it")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow loading a checkpoint that contains pickled Python objects")
     writers.add_output_flag(p)  # --output_format png | png16 | nifti | dicom
@@ -70,22 +78,40 @@ def check_sampling_args(args):
     interp = bool(getattr(args, "interpolate_seeds", None) or getattr(args, "interpolate_classes", None))
     if interp and args.sampler == "ddpm":
         raise UserError("an interpolation is sampled with deterministic DDIM: leave out --sampler ddpm")
+    if interp and args.sampler == "sde":
+        raise UserError("an interpolation is sampled deterministically (flow checkpoints: the ODE, heun or euler): "
+                        "leave out --sampler sde")
     if interp and args.eta:
         raise UserError("an interpolation is sampled with deterministic DDIM (eta 0): leave out --eta")
-    if args.sampler is None:
-        args.sampler = "ddim" if interp else "ddpm"
-    if args.num_sampling_steps is None:
-        args.num_sampling_steps = INTERP_STEPS if interp else 250
+    if args.num_sampling_steps is None and interp:
+        args.num_sampling_steps = INTERP_STEPS
+    # --sampler and the other step defaults depend on the checkpoint's objective: resolve_sampler fills them.
     if args.image_size is not None and (args.image_size <= 0 or args.image_size % 8):
         raise UserError("--image-size must be a positive multiple of 8")
     if args.num_classes is not None and args.num_classes < 1:
         raise UserError("--num-classes must be at least 1")
-    if not 1 <= args.num_sampling_steps <= 1000:
+    if args.num_sampling_steps is not None and not 1 <= args.num_sampling_steps <= 1000:
         raise UserError("--num-sampling-steps must be between 1 and 1000")
     if args.cfg_scale < 0:
         raise UserError("--cfg-scale must be >= 0 (1 = no guidance)")
     if args.eta < 0:
         raise UserError("--eta must be >= 0")
+
+
+def resolve_sampler(args, objective):
+    """--sampler / --num-sampling-steps for a checkpoint of this objective: the defaults filled in, a sampler of
+    the other objective one error line (before the VAE is loaded)."""
+    allowed = SAMPLERS[objective]
+    interp = bool(getattr(args, "interpolate_seeds", None) or getattr(args, "interpolate_classes", None))
+    if args.sampler is None:
+        args.sampler = DETERMINISTIC[objective] if interp else allowed[0]
+    if args.sampler not in allowed:
+        raise UserError(f"--sampler {args.sampler}: {args.ckpt or 'this checkpoint'} was trained with the {objective} "
+                        f"objective; its samplers are {' | '.join(allowed)}")
+    if args.eta and args.sampler != "ddim":
+        raise UserError(f"--eta is DDIM's noise; --sampler {args.sampler} takes none: leave out --eta")
+    if args.num_sampling_steps is None:
+        args.num_sampling_steps = DEFAULT_STEPS[objective]
 
 
 # ----------------------------------------------------------------------------- loading
@@ -111,7 +137,7 @@ def arch_from_state_dict(sd, source):
             "learn_sigma": out_ch == 2 * in_ch, "table_rows": rows}
 
 
-def load_for_sampling(args, device, logger):
+def load_for_sampling(args, device, logger, precision="no"):
     """(model in eval mode, VAE, VAE info, meta) for the flags; UserError on any mismatch."""
     meta = {"official": False}
     if args.ckpt is None:
@@ -140,7 +166,7 @@ def load_for_sampling(args, device, logger):
             meta.update(num_classes=cfg["num_classes"], class_names=ckpt.get("class_names"),
                         vae=args.vae or ckpt["vae"]["vae"], image_size=cfg["image_size"],
                         class_dropout_prob=cfg.get("class_dropout_prob"), grayscale=cfg.get("grayscale", False),
-                        intensity=cfg.get("intensity"))
+                        intensity=cfg.get("intensity"), objective=cfg.get("objective", "diffusion"))
         elif "ema" in ckpt and isinstance(ckpt.get("args"), dict):  # official training checkpoint
             sd, old = ckpt["ema"], ckpt["args"]
             meta.update(official_arch_rule=True, num_classes=old.get("num_classes"), vae=args.vae or old.get("vae", "mse"),
@@ -152,6 +178,11 @@ def load_for_sampling(args, device, logger):
             raise UserError(f"{src} is not a DiT checkpoint (no model_type 'dit', no 'ema' weights, "
                             f"no DiT state dict)")
     arch = arch_from_state_dict(sd, meta["source"])
+    if "objective" not in meta:
+        # Official weights learn the variance; a bare state dict without it is a flow model exported from here.
+        meta["objective"] = "diffusion" if arch["learn_sigma"] else "flow"
+        meta["official_arch_rule"] = meta.get("official_arch_rule", False) and arch["learn_sigma"]
+    resolve_sampler(args, meta["objective"])
     if meta.get("num_classes") is None:
         meta["num_classes"] = arch["table_rows"] - 1  # the last row is the null (CFG) class
     num_classes = meta["num_classes"]
@@ -165,6 +196,7 @@ def load_for_sampling(args, device, logger):
         raise UserError(f"{meta['source']} was trained with {num_classes} classes, not --num-classes "
                         f"{args.num_classes}: pass --num-classes {num_classes} or leave it out")
     vae, vinfo = load_vae(meta["vae"], device)
+    vinfo["precision"] = precision  # resolved (no | bf16 | fp16): the decode and the folder names read it
     image_size = arch["input_size"] * vinfo["factor"]
     if args.image_size is not None and args.image_size != image_size:
         raise UserError(f"--image-size {args.image_size}: {meta['source']} generates {image_size}x{image_size} "
@@ -184,7 +216,8 @@ def load_for_sampling(args, device, logger):
                         f"({str(e).splitlines()[0][:200]})") from None
     model.to(device).eval()
     logger(f"Loaded {arch['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-           f"{num_classes} classes, {image_size}px) from {meta['source']}; VAE {vinfo['vae']}")
+           f"{num_classes} classes, {image_size}px, {meta['objective']} objective) from {meta['source']}; "
+           f"VAE {vinfo['vae']}")
     return model, vae, vinfo, meta
 
 
@@ -219,6 +252,12 @@ def _model_tag(meta, vinfo):
     return f"{head}-size-{meta['image_size']}-vae-{vae}"
 
 
+def _precision_tag(vinfo):
+    """'' for fp32 (the folder names of earlier versions), else -bf16 / -fp16: such images differ from fp32."""
+    prec = vinfo.get("precision", "no")
+    return "" if prec in (None, "no") else f"-{prec}"
+
+
 def _guide_tag(args):
     return "-cfgch3" if args.cfg_channels == "3" else "-cfgchall" if args.cfg_channels == "all" else ""
 
@@ -229,16 +268,25 @@ def settings_tag(args, meta, vinfo, seed):
     fmt = getattr(args, "output_format", "png")
     fmt = "" if fmt == "png" else f"-{fmt}"  # png16 shares .png names: another format is another folder
     return (f"{_model_tag(meta, vinfo)}-cfg-{args.cfg_scale:g}{_guide_tag(args)}"
-            f"-{args.sampler}{args.num_sampling_steps}{eta}-seed-{seed}{fmt}")
+            f"-{args.sampler}{args.num_sampling_steps}{eta}-seed-{seed}{_precision_tag(vinfo)}{fmt}")
 
 
 def interpolation_tag(args, meta, vinfo):
     """Folder of the interpolations of one checkpoint (seeds, classes, steps, cfg and frames name the files)."""
-    return f"interpolation_{_model_tag(meta, vinfo)}{_guide_tag(args)}"
+    return f"interpolation_{_model_tag(meta, vinfo)}{_guide_tag(args)}{_precision_tag(vinfo)}"
+
+
+class FlowSteps:
+    """What make_sampler gives for a flow sampler: the number of steps (flow.sample does the rest)."""
+
+    def __init__(self, steps):
+        self.steps = int(steps)
 
 
 def make_sampler(args):
-    """The respaced diffusion used for sampling."""
+    """The respaced diffusion used for sampling (a FlowSteps for the flow samplers)."""
+    if args.sampler in flow.SAMPLERS:
+        return FlowSteps(args.num_sampling_steps)
     return create_diffusion(str(args.num_sampling_steps))
 
 
@@ -273,6 +321,12 @@ def sample_latents(model, diffusion, labels, seeds, cfg_scale, sampler="ddpm", e
         for g in gens:  # the generators continue as after their own initial draw (DDPM / eta > 0 steps)
             torch.randn(shape, generator=g, device=device)
     y = torch.tensor(labels, device=device) if class_emb is None else class_emb.to(device)
+    if sampler in flow.SAMPLERS:  # per-image generators drive the SDE's noise; every sample has its own
+        null = torch.full((len(seeds),), model.num_classes, dtype=torch.long, device=device)
+        null = null if class_emb is None else model.y_embedder.embedding_table(null)
+        velocity = flow.guided_velocity(model, y, cfg_scale, null, guide_all_channels)
+        with autocast(precision, device):
+            return flow.sample(velocity, z, diffusion.steps, sampler, gens, progress).float()
     if cfg_scale != 1.0:
         # Batch [cond; uncond] with the null class; forward_with_cfg mixes the two halves.
         z = torch.cat([z, z])
@@ -315,15 +369,18 @@ def render_png(vae, vinfo, latents, meta):
 
 
 def interpolation_stem(args, meta, mode, seeds, labels, frames):
-    """<stem> of an interpolation's .png / .gif: seeds, class names, ddim<steps>, cfg and frames."""
+    """<stem> of an interpolation's .png / .gif: seeds, class names, <sampler><steps> (ddim, or heun / euler for
+    flow checkpoints), cfg and frames."""
     names = [meta["class_names"][lab] for lab in labels]
-    return animation.interpolation_stem(mode, seeds, names, "ddim", args.num_sampling_steps, args.cfg_scale, frames)
+    return animation.interpolation_stem(mode, seeds, names, args.sampler, args.num_sampling_steps, args.cfg_scale,
+                                        frames)
 
 
 def interpolation_frames(model, vae, vinfo, meta, mode, seeds, labels, frames, args, device, precision, guide):
     """PIL frames t = 0 .. 1 of a seed interpolation (seeds (A, B), labels (c,): slerp of the two initial
     noises) or a class interpolation (seeds (S,), labels (a, b): (1-t) e[a] + t e[b] of the class table rows),
-    sampled with deterministic DDIM (eta 0), args.num_sampling_steps steps and args.cfg_scale.
+    sampled with deterministic DDIM (eta 0; flow checkpoints: the ODE, args.sampler heun or euler),
+    args.num_sampling_steps steps and args.cfg_scale.
 
     The two end points are sampled and decoded alone, the way sample.py makes the image of that seed with
     --num-samples 1, so they are bit-identical to it; the frames between are batched (--batch-size)."""
@@ -331,7 +388,7 @@ def interpolation_frames(model, vae, vinfo, meta, mode, seeds, labels, frames, a
     inner = animation.interp_weights(frames)[1:-1]
 
     def run(labs, sds, **override):
-        z = sample_latents(model, diffusion, labs, sds, args.cfg_scale, "ddim", 0.0, device, precision, guide,
+        z = sample_latents(model, diffusion, labs, sds, args.cfg_scale, args.sampler, 0.0, device, precision, guide,
                            **override)
         return render_png(vae, vinfo, z, meta)
 
@@ -357,11 +414,18 @@ def interpolation_frames(model, vae, vinfo, meta, mode, seeds, labels, frames, a
     return first + middle + last
 
 
+def _decode(vae, vinfo, latents):
+    """Latents -> VAE output in float32, under the autocast of the sampling precision."""
+    # The decode is most of a 256 px image's time at 25-50 steps; bf16 makes it ~3x faster on AMX CPUs.
+    with autocast(vinfo.get("precision", "no"), latents.device):
+        return vae.decode(latents / vinfo["scaling_factor"] + vinfo["shift_factor"]).sample.float()
+
+
 @torch.no_grad()
 def decode_to_uint8(vae, vinfo, latents, grayscale=False):
     """Latents -> uint8 images (N, C, H, W) on the CPU; grayscale=True turns an RGB VAE's output into
     1-channel luma (the training images were grayscale, so the samples stay grayscale)."""
-    x = vae.decode(latents / vinfo["scaling_factor"] + vinfo["shift_factor"]).sample.float()
+    x = _decode(vae, vinfo, latents)
     if grayscale and x.shape[1] == 3:
         x = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
     return torch.clamp(127.5 * x + 128.0, 0, 255).to("cpu", dtype=torch.uint8)
@@ -371,7 +435,7 @@ def decode_to_uint8(vae, vinfo, latents, grayscale=False):
 def decode_to_float(vae, vinfo, latents, grayscale=False):
     """Latents -> float32 images (N, C, H, W) in [0, 1] on the CPU (png16 / NIfTI / DICOM output); the
     channel rule of decode_to_uint8."""
-    x = vae.decode(latents / vinfo["scaling_factor"] + vinfo["shift_factor"]).sample.float()
+    x = _decode(vae, vinfo, latents)
     if grayscale and x.shape[1] == 3:
         x = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
     return ((x + 1) / 2).clamp(0, 1).cpu()

@@ -222,13 +222,21 @@ class DiT(nn.Module):
         x = x.reshape(n, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(n, c, h * p, w * p)
 
-    def forward(self, x, t, y):
-        """x (N, C, H, W) latents, t (N,) timesteps, y (N,) labels or (N, D) class embeddings -> (N, C_out, H, W)."""
+    def forward(self, x, t, y, return_tokens_at=None):
+        """x (N, C, H, W) latents, t (N,) timesteps, y (N,) labels or (N, D) class embeddings -> (N, C_out, H, W).
+
+        return_tokens_at=k: (output, the hidden tokens (N, T, D) after block k, 1-based) for REPA; an argument
+        rather than a hook or a sub-module, so the state dict stays the official one and torch.compile sees
+        one graph."""
         x = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
-        for block in self.blocks:
+        tokens = None
+        for i, block in enumerate(self.blocks, 1):
             x = block(x, c)
-        return self.unpatchify(self.final_layer(x, c))
+            if i == return_tokens_at:
+                tokens = x
+        out = self.unpatchify(self.final_layer(x, c))
+        return out if return_tokens_at is None else (out, tokens)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels=False):
         """Classifier-free guidance on a batch [cond; uncond] whose two halves share x.

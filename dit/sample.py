@@ -78,7 +78,7 @@ def check_interpolation_args(args):
 def main(args):
     """Sample, write PNGs per class and a grid per class, print timings (or write one interpolation)."""
     device, precision = inf.resolve_device_precision(args.mixed_precision)
-    model, vae, vinfo, meta = inf.load_for_sampling(args, device, print)
+    model, vae, vinfo, meta = inf.load_for_sampling(args, device, print, precision)
     if args.cfg_scale != 1.0 and not meta["has_null"]:
         raise UserError(f"{meta['source']} was trained without label dropout (no null class): "
                         f"use --cfg-scale 1")

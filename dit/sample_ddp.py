@@ -47,7 +47,7 @@ def main(args):
     rank, world, _, device = setup_distributed()
     say = print if rank == 0 else (lambda *a, **k: None)
     precision = resolve_precision(args.mixed_precision, device)
-    model, vae, vinfo, meta = inf.load_for_sampling(args, device, say)
+    model, vae, vinfo, meta = inf.load_for_sampling(args, device, say, precision)
     if args.cfg_scale != 1.0 and not meta["has_null"]:
         raise UserError(f"{meta['source']} was trained without label dropout: use --cfg-scale 1")
     labels = (inf.parse_class_labels(args.class_labels, meta) if args.class_labels

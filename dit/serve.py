@@ -7,6 +7,7 @@ POST /api/generate {"class": "cat", "seed": 3, "num_images": 2, "guidance": 4, "
 gives the images of `sample.py --ckpt CKPT --class-labels cat --seed 3 --num-samples 2 --cfg-scale 4
 --sampler ddim --num-sampling-steps 50` (pixel for pixel with the same --batch-size; image j has seed 3 + j),
 saved once as <output_dir>/<the CLI's settings folder>/cat_seed3.png (the CLI adds a class sub-folder).
+Flow-matching checkpoints (train.py --objective flow) take "sampler": "heun" (their default), "euler" or "sde".
 POST /api/interpolate is `sample.py --interpolate_seeds A B` / `--interpolate_classes A B`. Only the
 checkpoints named here are served (loaded once, at start); serving.py holds the page, the checks, the queue.
 """
@@ -31,7 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8,
                    help="images per forward pass, as sample.py's --batch-size (the same value gives the same bits)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto")
+    p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="no",
+                   help="as sample.py's: bf16 / fp16 autocast for the DiT and the VAE decode (auto: where native)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow checkpoints that contain pickled Python objects (only files you trust)")
     serving.add_serve_flags(p)
@@ -50,23 +52,26 @@ class DiTBackend(serving.Backend):
         self.opts = argparse.Namespace(ckpt=path, model=None, image_size=None, num_classes=None, vae=args.vae,
                                        trust_checkpoint=args.trust_checkpoint, cfg_channels=args.cfg_channels,
                                        guide_all_channels=args.guide_all_channels, batch_size=args.batch_size,
-                                       eta=0.0, output_format="png")
+                                       eta=0.0, output_format="png", sampler=None, num_sampling_steps=None)
         self.device, self.precision = device, precision
-        self.model, self.vae, self.vinfo, self.meta = inf.load_for_sampling(self.opts, device, print)
+        self.model, self.vae, self.vinfo, self.meta = inf.load_for_sampling(self.opts, device, print, precision)
         self.guide_all = inf.guide_all(self.model, self.opts, self.meta)
+        objective = self.meta["objective"]  # diffusion: ddpm / ddim; flow: heun / euler / sde
+        self.samplers, self.interp_sampler = list(inf.SAMPLERS[objective]), inf.DETERMINISTIC[objective]
 
     def flags(self, req, sampler):
         """The request as sample.py's parsed flags (what settings_tag and the samplers read)."""
-        return argparse.Namespace(**vars(self.opts), cfg_scale=req.guidance, sampler=sampler,
-                                  num_sampling_steps=req.steps)
+        return argparse.Namespace(**{**vars(self.opts), "cfg_scale": req.guidance, "sampler": sampler,
+                                     "num_sampling_steps": req.steps})
 
     def info(self):
         m = self.meta
         step = f", step {m['step']}" if m.get("step") is not None else ""
         gray = m.get("grayscale") or self.vinfo["image_channels"] == 1
         return {"title": f"DiT {m['model']} {m['ckpt_tag']}{step} (EMA), {m['image_size']} px",
-                "classes": list(m["class_names"]), "samplers": ["ddim", "ddpm"], "default_sampler": "ddim",
-                "default_steps": inf.INTERP_STEPS, "max_steps": 1000, "guidance": bool(m["has_null"]),
+                "classes": list(m["class_names"]), "samplers": sorted(self.samplers),
+                "default_sampler": self.interp_sampler, "default_steps": inf.INTERP_STEPS, "max_steps": 1000,
+                "guidance": bool(m["has_null"]),
                 "default_guidance": 4.0 if m["has_null"] else 1.0, "upload": None,
                 "interpolation": ["seeds", "classes"] if m["num_classes"] > 1 else ["seeds"],
                 "image_size": m["image_size"], "channels": 1 if gray else self.vinfo["image_channels"],
@@ -86,7 +91,7 @@ class DiTBackend(serving.Backend):
         return inf.settings_tag(a, self.meta, self.vinfo, req.seed), outputs
 
     def interpolate(self, req):
-        a = self.flags(req, "ddim")
+        a = self.flags(req, self.interp_sampler)  # deterministic: DDIM, or the flow ODE (Heun)
         if req.mode == "seeds":
             seeds, labels = (req.seed, req.seed_b), (req.class_index,)
         else:

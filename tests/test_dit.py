@@ -248,7 +248,28 @@ def work(tmp_path_factory):
                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16),
                         layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=16)
     vae.save_pretrained(root / "vae")
+    write_encoder(root / "enc.ts")
     return root
+
+
+def write_encoder(path, channels=1, dim=8, patch=4):
+    """A tiny TorchScript REPA encoder: images in [0, 1] (N, C, S, S) -> patch tokens (N, (S / patch)^2, dim)."""
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(channels, dim, patch, stride=patch)
+    enc = torch.nn.Sequential(conv, torch.nn.Flatten(2))  # (N, dim, T): transposed by the wrapper below
+
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = enc
+
+        def forward(self, x):
+            return self.net(x).transpose(1, 2)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of export, but loads
+        torch.jit.save(torch.jit.script(Tokens()), str(path))
+    return path
 
 
 def train_argv(work, results, *extra):
@@ -267,10 +288,17 @@ def load(path):
 
 
 def assert_same_state(a, b):
-    for key in ("model", "ema"):
+    for key in ("model", "ema", "repa_projector"):
+        assert (key in a) == (key in b)
+        if key not in a:
+            continue
         assert a[key].keys() == b[key].keys()
         for n in a[key]:
             assert torch.equal(a[key][n], b[key][n]), f"{key}.{n} differs"
+    assert ("posthoc_ema" in a) == ("posthoc_ema" in b)
+    for avg_a, avg_b in zip(*(x.get("posthoc_ema", {"averages": []})["averages"] for x in (a, b))):
+        for n in avg_a["ema"]:
+            assert torch.equal(avg_a["ema"][n], avg_b["ema"][n]), f"posthoc_ema {n} differs"
     for sa, sb in zip(a["opt"]["state"].values(), b["opt"]["state"].values()):
         for n in sa:
             assert torch.equal(sa[n], sb[n])
@@ -348,9 +376,15 @@ def test_dataset_conversions(work):
     assert torch.equal(xf, x.flip(-1))
 
 
-def test_train_resume_is_bit_identical_and_writes_plain_checkpoints(work, tmp_path):
+# flow + REPA + post-hoc EMA: a resumed run given none of those flags keeps them (stored in the checkpoint).
+NEW_OPTIONS = ["--objective", "flow", "--repa_encoder", "{work}/enc.ts", "--posthoc_ema_every_steps", "2"]
+
+
+@pytest.mark.parametrize("options", [[], NEW_OPTIONS], ids=["diffusion", "flow-repa-posthoc-ema"])
+def test_train_resume_is_bit_identical_and_writes_plain_checkpoints(work, tmp_path, options):
     full, part = tmp_path / "full", tmp_path / "part"
-    train.main(train_args(work, full))  # 20 images / batch 4 = 5 steps per epoch, 2 epochs
+    options = [o.format(work=work) for o in options]
+    train.main(train_args(work, full, *options))  # 20 images / batch 4 = 5 steps per epoch, 2 epochs
     run = full / "000-DiT-Ti-2"
     assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == [
         "0000002.pt", "0000004.pt", "0000006.pt", "0000008.pt", "0000010.pt"]
@@ -360,12 +394,35 @@ def test_train_resume_is_bit_identical_and_writes_plain_checkpoints(work, tmp_pa
     assert ck["class_names"] == ["class_0", "class_1", "class_2"]
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
     # Stop mid-epoch (step 4 of 5 in epoch 0 -> 3 after a --max-train-steps 3 run), resume to the end.
-    train.main(train_args(work, part, "--max-train-steps", "3"))
+    train.main(train_args(work, part, "--max-train-steps", "3", *options))
     train.main(train_args(work, part, "--resume", "auto"))
     prun = part / "000-DiT-Ti-2"
     assert not (part / "001-DiT-Ti-2").exists()
     assert "Resumed from" in (prun / "log.txt").read_text()
-    assert_same_state(ck, load(prun / "checkpoints" / "0000010.pt"))
+    resumed = load(prun / "checkpoints" / "0000010.pt")
+    assert_same_state(ck, resumed)
+    assert ck["config"].get("objective", "diffusion") == resumed["config"]["objective"] == (
+        "flow" if options else "diffusion")
+    snapshots = sorted(p.name for p in (run / "posthoc_ema").glob("*.pt")) if options else []
+    assert snapshots == (["phema_0000002.pt", "phema_0000004.pt", "phema_0000006.pt", "phema_0000008.pt",
+                          "phema_0000010.pt"] if options else [])
+    for name in snapshots:  # the snapshots written after the resume are those of the uninterrupted run
+        a, b = load(run / "posthoc_ema" / name), load(prun / "posthoc_ema" / name)
+        for avg_a, avg_b in zip(a["averages"], b["averages"]):
+            assert all(torch.equal(avg_a["ema"][n], avg_b["ema"][n]) for n in avg_a["ema"])
+    if options:  # the projector lives under its own key; model / ema keep the official layout (velocity only)
+        assert ck["model"].keys() == ck["ema"].keys() == load_diffusion_keys(work, tmp_path)
+        assert not any(k.startswith(("projector", "dit.")) for k in ck["model"])
+        assert ck["repa_projector"]["4.weight"].shape == (8, ck["config"]["repa"]["projector_dim"])
+        assert ck["model"]["final_layer.linear.weight"].shape[0] == 2 * 2 * 4  # p * p * C, no variance channels
+
+
+def load_diffusion_keys(work, tmp_path):
+    """The state-dict keys of the same DiT trained with the default objective (built, not trained)."""
+    args = train_args(work, tmp_path / "unused")
+    train.resolve_stored_options(args, None, None)
+    model = train.build_model(args, 4, {"latent_channels": 4}, torch.device("cpu"))[0]
+    return model.state_dict().keys()
 
 
 def test_compile_trains_like_eager(work, tmp_path):
