@@ -308,7 +308,7 @@ def validate(kind, body, upload_bytes, backends, args):
         modes = list(info.get("interpolation") or [])
         req.mode = _choice(body.get("mode", "seeds"), "mode", modes, "interpolation mode")
         req.frames = _number(body, "frames", int, 8, 2, args.max_frames, " (the server's --max_frames)")
-        req.sampler = "ddim"
+        req.sampler = info.get("interpolation_sampler", "ddim")  # deterministic: DDIM, or a flow ODE
         req.seed_b = _number(body, "seed_b", int, req.seed + 1, 0, SEED_MAX) if req.mode == "seeds" else None
         if req.mode == "classes":
             other = classes[1] if len(classes) > 1 else classes[0]

@@ -70,7 +70,8 @@ class DiTBackend(serving.Backend):
         gray = m.get("grayscale") or self.vinfo["image_channels"] == 1
         return {"title": f"DiT {m['model']} {m['ckpt_tag']}{step} (EMA), {m['image_size']} px",
                 "classes": list(m["class_names"]), "samplers": sorted(self.samplers),
-                "default_sampler": self.interp_sampler, "default_steps": inf.INTERP_STEPS, "max_steps": 1000,
+                "default_sampler": self.interp_sampler, "interpolation_sampler": self.interp_sampler,
+                "default_steps": inf.INTERP_STEPS, "max_steps": 1000,
                 "guidance": bool(m["has_null"]),
                 "default_guidance": 4.0 if m["has_null"] else 1.0, "upload": None,
                 "interpolation": ["seeds", "classes"] if m["num_classes"] > 1 else ["seeds"],

@@ -385,6 +385,10 @@ def test_serve_backend_offers_the_flow_samplers_and_gives_the_cli_images(flow_ru
     backend = serve.DiTBackend(str(ckpt), opts, torch.device("cpu"), "no")
     info = backend.info()
     assert info["samplers"] == ["euler", "heun", "sde"] and info["default_sampler"] == "heun"
+    backend.cached_info = info  # an interpolation request records the sampler it is drawn with (the flow ODE)
+    limits = argparse_ns(max_steps=1000, max_images=8, max_frames=16)
+    req = serving.validate("interpolate", {"mode": "seeds", "frames": 2}, None, {"m": backend}, limits)
+    assert req.sampler == "heun"
     req = serving.Req(guidance=2.0, sampler="sde", steps=3, class_index=1, seed=4, num_images=2)
     tag, outputs = backend.generate(req)
     assert tag.endswith("-cfg-2-sde3-seed-4")
