@@ -4,10 +4,12 @@ mask-guided sampling with DDIM / DPM-Solver++ vs DDPM.
     python benchmarks/part_controlnet.py --size paper --repeats 3 --device cpu --out cn.json --workdir /tmp/x
 
 Paper size: the LDM UNet of part_ldm (64,128,256,256) on 32x32x4 latents, a ControlNet copied from it with
-a 1-channel 256px mask (factor-8 conditioning encoder), batch 4, fp32 only (bf16 is covered by the LDM part).
+a 1-channel 256px mask (factor-8 conditioning encoder), batch 4. Training in fp32 (bf16 training is covered by
+the LDM part); sampling in fp32 and, where bf16 is native (or --bf16 all), in bf16 (inference.py
+--mixed_precision bf16: the whole sampling loop under autocast). The VAE decode is the LDM part's.
 """
-from bench_common import (count_flops, entry, median, part_args, say, setup_device, side_by_side, train_step,
-                          use_folder, write)
+from bench_common import (autocast, bf16_plan, count_flops, entry, median, part_args, say, setup_device,
+                          side_by_side, train_step, use_folder, write)
 
 use_folder("controlnet")
 import torch  # noqa: E402
@@ -72,18 +74,30 @@ def main():
     sb, k = cfg["sample_batch"], cfg["sample_steps"]
     x0 = torch.randn(sb, 4, lat, lat, generator=g).to(device)
     m, y = mask[:sb], labels[:sb]
-    fns = {s: (lambda s=s: sample(model, make_sampler(s, NOISE), x0, y, m, k, cfg_scale=3.0, null_label=10,
-                                  generators=[torch.Generator().manual_seed(i) for i in range(sb)]))
-           for s in ("ddpm", "ddim", "dpmsolver")}
-    say(f"controlnet sampling batch {sb}, {k} steps timed")
-    times = side_by_side(fns, min(args.repeats, 2), device, warmup=False, log=say)  # warm from training
+    precisions = ["fp32"] + (["bf16"] if bf16_plan(args, device) == "full" else [])  # emulated: minutes per step
+
+    def run(s, p):
+        with autocast(p, device):
+            return sample(model, make_sampler(s, NOISE), x0, y, m, k, cfg_scale=3.0, null_label=10,
+                          generators=[torch.Generator().manual_seed(i) for i in range(sb)])
+
+    fns = {f"{s} {p}": (lambda s=s, p=p: run(s, p)) for p in precisions
+           for s in (("ddpm", "ddim", "dpmsolver") if p == "fp32" else ("ddim", "dpmsolver"))}
+    say(f"controlnet sampling batch {sb}, {k} steps timed, {' and '.join(precisions)}")
+    for name, f in fns.items():  # fp32 is warm from training; bf16 builds new oneDNN primitives first
+        if name.endswith("bf16"):
+            f()
+    times = side_by_side(fns, min(args.repeats, 2), device, warmup=False, log=say)
     sampling = []
-    for s, steps in (("ddpm", 1000), ("ddim", 50), ("dpmsolver", 25)):
-        per_step = median(times[s]) / k
-        sampling.append({"name": f"ControlNet {s}-{steps}", "sampler": s, "steps": steps, "batch": sb,
-                         "cfg_scale": 3.0, "seconds_per_step": per_step,
-                         "latent_images_per_s": sb / (steps * per_step), "images_per_s": None,
-                         "timed_steps": k, "scaled": True})
+    for p in precisions:
+        for s, steps in (("ddpm", 1000), ("ddim", 50), ("dpmsolver", 25)):
+            if f"{s} {p}" not in times:
+                continue
+            per_step = median(times[f"{s} {p}"]) / k
+            sampling.append({"name": f"ControlNet {s}-{steps}", "sampler": s, "steps": steps, "batch": sb,
+                             "precision": p, "cfg_scale": 3.0, "seconds_per_step": per_step,
+                             "latent_images_per_s": sb / (steps * per_step), "images_per_s": None,
+                             "timed_steps": k, "scaled": True, "times_s": times[f"{s} {p}"]})
     write(args.out, {"train": rows, "sampling": sampling})
 
 

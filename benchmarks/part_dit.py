@@ -7,11 +7,14 @@ Per model size, side by side (alternating rounds, medians), in fp32 and bf16:
   diffusers/cached diffusers' DiTTransformer2DModel of the same size, same loss, optimizer and EMA
   ours/encode      the official recipe: the VAE encodes the batch at every step, then our step
                    (SD VAE architecture, random weights; only for the first, smallest model)
-Sampling (fp32, first model): respaced DDPM vs DDIM, the same model forward with CFG, timed over a few
-steps and scaled to 250 / 25 / 50 steps; plus the VAE decode of each image.
+Sampling (first model): respaced DDPM vs DDIM, the same model forward with CFG, timed over a few steps and
+scaled to 250 / 25 / 50 steps; plus the VAE decode of each image. In fp32 and, where bf16 is native (or
+--bf16 all), in bf16 as sample.py --mixed-precision bf16 runs it (DiT and decode under autocast).
 """
-from bench_common import (bf16_batch_repeats, bf16_native, bf16_plan, count_flops, entry, part_args, say,
-                          setup_device, side_by_side, train_step, use_folder, write, median)
+import copy
+
+from bench_common import (autocast, bf16_batch_repeats, bf16_native, bf16_plan, count_flops, entry, part_args,
+                          say, setup_device, side_by_side, train_step, use_folder, write, median)
 
 use_folder("dit")
 import torch  # noqa: E402
@@ -131,29 +134,45 @@ def main():
                                                                  else theirs).parameters())))
             del fns, make
 
-    # Sampling (fp32): model forward per step is the same for every sampler; time a few steps and scale.
+    # Sampling: the model forward per step is the same for every sampler; time a few steps and scale.
     name, _ = cfg["models"][0]
     sb, k = cfg["sample_batch"], cfg["sample_steps"]
     torch.manual_seed(0)
     model = ALL_MODELS[name](input_size=lat, num_classes=classes).to(device).eval()
     labels, seeds = [i % classes for i in range(sb)], list(range(sb))
     spaced = create_diffusion(str(k))
-    fns = {f"{s}": (lambda s=s: sample_latents(model, spaced, labels, seeds, 1.5, sampler=s, device=device))
-           for s in ("ddpm", "ddim")}
+    precisions = ["fp32"] + (["bf16"] if plan == "full" else [])  # emulated bf16 takes minutes per step
+    fns = {(s, p): (lambda s=s, p=p: sample_latents(model, spaced, labels, seeds, 1.5, sampler=s, device=device,
+                                                    precision="no" if p == "fp32" else p))
+           for p in precisions for s in (("ddpm", "ddim") if p == "fp32" else ("ddim",))}
     z = torch.randn(1, 4, lat, lat, device=device)
-    with torch.no_grad():
-        fns["decode"] = lambda: vae.decode(z / 0.18215).sample
-    say(f"dit sampling {name} batch {sb}, {k} steps timed")
-    times = side_by_side(fns, min(args.repeats, 2), device, warmup=False, log=say)  # warm from training
-    per_step = {s: median(times[s]) / k for s in ("ddpm", "ddim")}
-    decode = median(times["decode"])
+
+    # sample.py keeps the VAE channels-last in bf16 (oneDNN's bf16 convolutions are faster so)
+    vaes = {"fp32": vae, "bf16": copy.deepcopy(vae).to(memory_format=torch.channels_last)}
+
+    def decode(p):
+        with torch.no_grad(), autocast(p, device):
+            return vaes[p].decode(z / 0.18215).sample.float()
+
+    fns.update({("decode", p): (lambda p=p: decode(p)) for p in precisions})
+    say(f"dit sampling {name} batch {sb}, {k} steps timed, {' and '.join(precisions)}")
+    for (s, p), f in fns.items():  # fp32 is warm from training; bf16 builds new oneDNN primitives first
+        if p != "fp32" or s == "decode":
+            f()
+    times = side_by_side({f"{s} {p}": f for (s, p), f in fns.items()}, min(args.repeats, 2), device, warmup=False,
+                         log=say)
     sampling = []
-    for s, steps in (("ddpm", 250), ("ddim", 25), ("ddim", 50)):
-        sec = steps * per_step[s] + sb * decode
-        sampling.append({"name": f"{name} {s}-{steps}", "sampler": s, "steps": steps, "batch": sb,
-                         "cfg_scale": 1.5, "seconds_per_step": per_step[s], "decode_s_per_image": decode,
-                         "images_per_s": sb / sec, "latent_images_per_s": sb / (steps * per_step[s]),
-                         "timed_steps": k, "scaled": True})
+    for p in precisions:
+        dec = median(times[f"decode {p}"])
+        for s, steps in (("ddpm", 250), ("ddim", 25), ("ddim", 50)):
+            if f"{s} {p}" not in times:
+                continue
+            per_step = median(times[f"{s} {p}"]) / k
+            sec = steps * per_step + sb * dec
+            sampling.append({"name": f"{name} {s}-{steps}", "sampler": s, "steps": steps, "batch": sb, "precision": p,
+                             "cfg_scale": 1.5, "seconds_per_step": per_step, "decode_s_per_image": dec,
+                             "images_per_s": sb / sec, "latent_images_per_s": sb / (steps * per_step),
+                             "timed_steps": k, "scaled": True, "times_s": times[f"{s} {p}"]})
     write(args.out, {"train": rows, "sampling": sampling, "bf16_native": native, "bf16_plan": plan, "image_size": image,
                      "latent": lat})
 

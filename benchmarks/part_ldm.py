@@ -7,10 +7,15 @@ Paper size: diffusers UNet2DConditionModel (64,128,256,256) on 32x32x4 latents (
 SD VAE architecture with random weights), 10 classes, batch 8. The loss is ldm/train.py's
 `diffusion_loss` (a fresh posterior sample every step); `cached` feeds stored posterior mean/std,
 `encode` runs the VAE encoder on the batch first, as training without --cache_latents does.
-Sampling (fp32, CFG 3): each sampler timed over a few steps and scaled, plus the VAE decode per image.
+Sampling (CFG 3): each sampler timed over a few steps and scaled, plus the VAE decode per image; in fp32 and,
+where bf16 is native (or --bf16 all), in bf16 as inference.py --mixed_precision bf16 runs it (UNet and decode
+under autocast). `cached, 2 heads` trains the same UNet with 2 attention heads instead of 8 (head width 32
+instead of 8 at the first level): a model change, measured only to show what it would buy.
 """
-from bench_common import (bf16_batch_repeats, bf16_native, bf16_plan, count_flops, entry, median, part_args,
-                          say, setup_device, side_by_side, train_step, use_folder, write)
+import copy
+
+from bench_common import (autocast, bf16_batch_repeats, bf16_native, bf16_plan, count_flops, entry, median,
+                          part_args, say, setup_device, side_by_side, train_step, use_folder, write)
 
 use_folder("ldm")
 import torch  # noqa: E402
@@ -37,9 +42,9 @@ SIZES = {
 }
 
 
-def build(cfg, device):
+def build(cfg, device, **unet_overrides):
     torch.manual_seed(0)
-    unet = build_unet(cfg["latent"], 4, **cfg["unet"])
+    unet = build_unet(cfg["latent"], 4, **{**cfg["unet"], **unet_overrides})
     return Denoiser(unet, ClassEmbedder(cfg["classes"], cfg["unet"]["cross_attention_dim"])).to(device)
 
 
@@ -77,7 +82,7 @@ def main():
     rows = []
     plan = bf16_plan(args, device)
     b16, reps16 = bf16_batch_repeats(args, device, cfg["batch"], cfg["emulated_bf16_batch"])
-    groups = [("fp32", cfg["batch"], args.repeats, ["cached", "encode"])]
+    groups = [("fp32", cfg["batch"], args.repeats, ["cached", "encode", "cached, 2 heads"])]
     if plan != "none":
         groups.append(("bf16", b16, reps16, ["cached", "encode"] if plan == "full" else ["cached"]))
         if b16 != cfg["batch"]:
@@ -86,7 +91,10 @@ def main():
         model = build(cfg, device).train()
         fns = {v: ldm_step(model, batch, cfg, precision, device, **({"vae": vae, "image": image}
                                                                     if v == "encode" else {}))
-               for v in variants}
+               for v in variants if v != "cached, 2 heads"}
+        if "cached, 2 heads" in variants:
+            fns["cached, 2 heads"] = ldm_step(build(cfg, device, attention_head_dim=2).train(), batch, cfg, precision,
+                                              device)
         flops = {k: count_flops(f) / batch for k, f in fns.items()}
         say(f"ldm train {precision} batch {batch}: {', '.join(fns)}")
         # The FLOP count was the warm-up; the VAE-encode variant (seconds per image) gets at most 2 rounds.
@@ -99,26 +107,44 @@ def main():
     sb, k = cfg["sample_batch"], cfg["sample_steps"]
     labels = torch.arange(sb, device=device) % cfg["classes"]
     noise_cfg = dict(DEFAULT_NOISE_SCHEDULE)
+    precisions = ["fp32"] + (["bf16"] if plan == "full" else [])  # emulated bf16 takes minutes per step
 
-    def run(name):
+    def run(name, precision):
         gens = [torch.Generator().manual_seed(i) for i in range(sb)]
         return sample_latents(model, make_sampler(name, noise_cfg), labels, gens, (4, cfg["latent"], cfg["latent"]),
-                              k, 3.0, device)
+                              k, 3.0, device, autocast=lambda: autocast(precision, device))
 
-    fns = {s: (lambda s=s: run(s)) for s in ("ddpm", "ddim", "dpmsolver")}
+    # inference.py keeps the VAE channels-last in bf16 (oneDNN's bf16 convolutions are faster so)
+    vaes = {"fp32": vae, "bf16": copy.deepcopy(vae).to(memory_format=torch.channels_last)}
+
+    def decode(precision):
+        with autocast(precision, device):
+            return vaes[precision].decode(z / 0.18215).sample.float()
+
+    # bf16: DDIM and DPM-Solver++ only (a DDPM step costs what a DDIM step does)
+    fns = {(s, p): (lambda s=s, p=p: run(s, p)) for p in precisions
+           for s in (("ddpm", "ddim", "dpmsolver") if p == "fp32" else ("ddim", "dpmsolver"))}
     z = torch.randn(1, 4, cfg["latent"], cfg["latent"], device=device)
-    fns["decode"] = lambda: vae.decode(z / 0.18215).sample
-    say(f"ldm sampling batch {sb}, {k} steps timed")
+    fns.update({("decode", p): (lambda p=p: decode(p)) for p in precisions})
+    say(f"ldm sampling batch {sb}, {k} steps timed, {' and '.join(precisions)}")
     with torch.no_grad():
-        times = side_by_side(fns, min(args.repeats, 2), device, warmup=False, log=say)  # warm from training
-    decode = median(times["decode"])
+        for (s, p), f in fns.items():  # fp32 is warm from training; bf16 builds new oneDNN primitives first
+            if p != "fp32" or s == "decode":
+                f()
+        times = side_by_side({f"{s} {p}": f for (s, p), f in fns.items()}, min(args.repeats, 2), device,
+                             warmup=False, log=say)
     sampling = []
-    for s, steps in (("ddpm", 1000), ("ddim", 50), ("ddim", 25), ("dpmsolver", 25)):
-        per_step = median(times[s]) / k
-        sampling.append({"name": f"LDM UNet {s}-{steps}", "sampler": s, "steps": steps, "batch": sb,
-                         "cfg_scale": 3.0, "seconds_per_step": per_step, "decode_s_per_image": decode,
-                         "images_per_s": sb / (steps * per_step + sb * decode),
-                         "latent_images_per_s": sb / (steps * per_step), "timed_steps": k, "scaled": True})
+    for p in precisions:
+        dec = median(times[f"decode {p}"])
+        for s, steps in (("ddpm", 1000), ("ddim", 50), ("ddim", 25), ("dpmsolver", 25)):
+            if f"{s} {p}" not in times:
+                continue
+            per_step = median(times[f"{s} {p}"]) / k
+            sampling.append({"name": f"LDM UNet {s}-{steps}", "sampler": s, "steps": steps, "batch": sb,
+                             "precision": p, "cfg_scale": 3.0, "seconds_per_step": per_step, "decode_s_per_image": dec,
+                             "images_per_s": sb / (steps * per_step + sb * dec),
+                             "latent_images_per_s": sb / (steps * per_step), "timed_steps": k, "scaled": True,
+                             "times_s": times[f"{s} {p}"]})
     write(args.out, {"train": rows, "sampling": sampling, "bf16_native": native, "image_size": image,
                      "params": sum(p.numel() for p in model.parameters())})
 

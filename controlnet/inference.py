@@ -66,8 +66,9 @@ def parse_args(argv=None):
     add("class_labels_csv", default=None, help="CSV of 'mask_stem,class_name' rows: a class per mask")
     add("cfg_scale", type=float, default=1.0, help="classifier-free guidance towards the class (1: none)")
     add("no_ema", action="store_true", help="use the raw ControlNet weights instead of the EMA")
-    add("mixed_precision", default="no", choices=("no", "fp16", "bf16"),
-        help="autocast for sampling: fp16 on CUDA, bf16 where the hardware supports it")
+    add("mixed_precision", default="no", choices=("auto", "no", "fp16", "bf16"),
+        help="autocast for sampling (UNet, ControlNet, VAE decode): fp16 on CUDA, bf16 where the hardware "
+             "supports it, auto = bf16 where native; the output folder name then ends in -bfloat16 / -float16")
     add("save_comparison", action="store_true", help="also write mask | generated side by side")
     add("report_dice", action="store_true", help="Dice of mask vs thresholded image, printed and in dice.csv")
     add("dice_threshold", default="otsu", help="'otsu' or a grey level in [0, 1] for the image foreground")
@@ -160,6 +161,8 @@ def open_model(args, device="auto"):
     model.to(device)
     ldm.vae.to(device)
     precision = resolve_precision(args.mixed_precision, device)
+    if precision != "no":  # oneDNN bf16 convolutions: ~2x faster channels-last (AMX)
+        ldm.vae.to(memory_format=torch.channels_last)
     return SimpleNamespace(model=model, ldm=ldm, ck=ck, trained=trained, opts=opts, mc=int(ck["mask_channels"]),
                            device=device, precision=precision, amp=autocast_dtype(precision),
                            step=ck.get("global_step", 0), conditional=ck["encoder_type"] == "class",
@@ -215,7 +218,7 @@ def denoise(s, latents, mask_t, labels, scheduler, steps, controlnet_scale, cfg_
     with autocast(s.precision, s.device):
         x = sample(s.model, sampler, latents.to(s.device), labels, mask_t, steps, controlnet_scale=controlnet_scale,
                    generators=generators, cfg_scale=cfg_scale, null_label=s.null, embeddings=embeddings)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(s.precision, s.device):  # the VAE decode too: seconds per 256 px image in fp32
         return decode(s.ldm.vae, x.float(), s.ldm.scaling_factor, s.ldm.image_channels).cpu()
 
 

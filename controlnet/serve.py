@@ -36,7 +36,8 @@ def parse_args(argv=None):
                    help="the LDM checkpoint the ControlNet(s) were trained from: one for all, or one per --checkpoint")
     p.add_argument("--vae", default=None, help="override the VAE folder recorded in the LDM checkpoint")
     p.add_argument("--no_ema", action="store_true", help="use the raw ControlNet weights instead of the EMA")
-    p.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"), help="autocast for sampling")
+    p.add_argument("--mixed_precision", default="no", choices=("auto", "no", "fp16", "bf16"),
+                   help="autocast for sampling")
     p.add_argument("--batch_size", type=int, default=16, help="images per forward pass (as inference.py's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--trust_checkpoint", action="store_true", help="allow checkpoints that hold pickled objects")

@@ -197,6 +197,8 @@ def load_for_sampling(args, device, logger, precision="no"):
                         f"{args.num_classes}: pass --num-classes {num_classes} or leave it out")
     vae, vinfo = load_vae(meta["vae"], device)
     vinfo["precision"] = precision  # resolved (no | bf16 | fp16): the decode and the folder names read it
+    if precision != "no":  # oneDNN bf16 convolutions: ~2x faster channels-last (AMX)
+        vae.to(memory_format=torch.channels_last)
     image_size = arch["input_size"] * vinfo["factor"]
     if args.image_size is not None and args.image_size != image_size:
         raise UserError(f"--image-size {args.image_size}: {meta['source']} generates {image_size}x{image_size} "
@@ -416,7 +418,7 @@ def interpolation_frames(model, vae, vinfo, meta, mode, seeds, labels, frames, a
 
 def _decode(vae, vinfo, latents):
     """Latents -> VAE output in float32, under the autocast of the sampling precision."""
-    # The decode is most of a 256 px image's time at 25-50 steps; bf16 makes it ~3x faster on AMX CPUs.
+    # The decode is most of a 256 px image's time at 25-50 steps; bf16 (channels-last) makes it ~5x faster on AMX.
     with autocast(vinfo.get("precision", "no"), latents.device):
         return vae.decode(latents / vinfo["scaling_factor"] + vinfo["shift_factor"]).sample.float()
 

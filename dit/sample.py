@@ -5,8 +5,10 @@
     python sample.py --ckpt ... --sampler ddim --num-sampling-steps 50
 
 Writes <output-dir>/<settings>/<class_name>/<class_name>_seed<N>.png and grid_<class_name>.png, where
-<settings> names the model, checkpoint, VAE, cfg scale, sampler, steps and seed. Image i uses seed
---seed + i, so any --batch-size gives the same images; existing images are kept (rerun to complete).
+<settings> names the model, checkpoint, VAE, cfg scale, sampler, steps, seed and a precision other than fp32
+(--mixed-precision bf16: DiT and VAE decode under autocast, faster where bf16 is native, images within a stated
+tolerance of fp32). Image i uses seed --seed + i, so any --batch-size gives the same images; existing images
+are kept (rerun to complete).
 `--output-format png16 | nifti | dicom` writes .png (16-bit) / .nii.gz / .dcm instead (no grids then).
 
     python sample.py --ckpt ... --output-format nifti      # values in the training data's units (e.g. HU)

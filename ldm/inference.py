@@ -6,10 +6,13 @@
     python inference.py --checkpoint ./ldm_checkpoints/checkpoint_best.pt --class_label "class_name" \
         --num_samples 20 --cfg_scale 4.0 --seed 42                        # one class, by name
 
-Images go to <output_dir>/<checkpoint>_<scheduler><steps>_cfg<scale>_seed<seed>[_raw]/ as
+Images go to <output_dir>/<checkpoint>_<scheduler><steps>_cfg<scale>_seed<seed>[_raw][_bf16|_fp16]/ as
 <class_name>_seed<S>.png, one PNG per image; image j of class c uses seed + 1000000*c + j, so the
-output does not depend on --batch_size. Existing files are never overwritten: a rerun only fills in
-what is missing. The model is rebuilt from the checkpoint (EMA weights unless --no_ema).
+output does not depend on --batch_size. --mixed_precision bf16 (or auto: bf16 where the hardware has it)
+runs the UNet and the VAE decode under autocast (~1.85x faster with DDIM-50 on a 2-core AMX CPU, 256 px);
+its images differ slightly from fp32 ones (README: "Precision"), hence the suffix. Existing files are
+never overwritten: a rerun only fills in what is missing. The model is rebuilt from the checkpoint (EMA
+weights unless --no_ema).
 --output_format png16 | nifti | dicom (writers.py) writes <class_name>_seed<S>.png / .nii.gz / .dcm
 instead; nifti and dicom map the image back to physical units (e.g. HU) through the intensity window
 stored in the checkpoint.
@@ -19,7 +22,7 @@ Interpolation (deterministic DDIM, eta 0; --num_inference_steps and --cfg_scale 
         --class_label "class_name" --interp_frames 8          # slerp of the initial noise of seeds 3 and 9
     python inference.py --checkpoint ./ldm_checkpoints/checkpoint_best.pt --interpolate_classes cls_a cls_b \
         --seed 42                                             # class token (1-t) e[a] + t e[b], noise of seed 42
-write <output_dir>/interpolation_<checkpoint>[_raw]/<stem>.png (the frames side by side) and <stem>.gif,
+write <output_dir>/interpolation_<checkpoint>[_raw][_bf16]/<stem>.png (the frames side by side) and <stem>.gif,
 stem = interp_seeds3-9_<class>_ddim50_cfg3_f8 or interp_classes_<a>-<b>_seed42_ddim50_cfg3_f8. The seeds
 are per-image seeds (those in <class>_seed<S>.png): frame 0 is that plain sample, the last frame the other.
 """
@@ -51,7 +54,9 @@ def add_sampling_flags(p):
     p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS), help="diffusers sampler")
     p.add_argument("--batch_size", type=int, default=16, help="images per forward pass (memory)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--mixed_precision", default="no", choices=["auto", "no", "fp16", "bf16"],
+                   help="UNet + VAE decode in bf16/fp16 (auto: bf16 where native, fp16 on older GPUs, else "
+                        "fp32); images differ slightly from fp32 and go to a folder named after the precision")
     p.add_argument("--no_ema", action="store_true", help="use the raw weights even if EMA weights exist")
     p.add_argument("--vae", default=None, help="override the VAE recorded in the checkpoint (hub id or folder)")
     p.add_argument("--trust_checkpoint", action="store_true", help="allow loading pickled checkpoints")
@@ -102,14 +107,21 @@ def float_to_pil(img):
     return to_pil((img.clamp(0, 1) * 255).round().to(torch.uint8))
 
 
-def sample_tag(checkpoint, scheduler, steps, cfg_scale, seed, no_ema=False):
+def precision_tag(precision):
+    """'' for fp32 (the names of earlier versions), else '_bf16' / '_fp16': such images differ from fp32."""
+    return "" if precision in (None, "no") else f"_{precision}"
+
+
+def sample_tag(checkpoint, scheduler, steps, cfg_scale, seed, no_ema=False, precision="no"):
     """The output sub-folder of plain samples: every setting that changes the images is in the name."""
-    return f"{Path(checkpoint).stem}_{scheduler}{steps}_cfg{cfg_scale:g}_seed{seed}{'_raw' if no_ema else ''}"
+    return (f"{Path(checkpoint).stem}_{scheduler}{steps}_cfg{cfg_scale:g}_seed{seed}{'_raw' if no_ema else ''}"
+            f"{precision_tag(precision)}")
 
 
-def interpolation_tag(checkpoint, no_ema=False):
+def interpolation_tag(checkpoint, no_ema=False, precision="no"):
     """The output sub-folder of interpolations (the stem names seeds, classes, steps, guidance, frames)."""
-    return f"interpolation_{animation.safe_part(Path(checkpoint).stem)}{'_raw' if no_ema else ''}"
+    return (f"interpolation_{animation.safe_part(Path(checkpoint).stem)}{'_raw' if no_ema else ''}"
+            f"{precision_tag(precision)}")
 
 
 def interpolation_name(mode, names, class_a, class_b, seed_a, seed_b, steps, cfg_scale, frames):
@@ -139,6 +151,9 @@ class Generator:
             raise UserError(f"VAE '{vae_name}' has {self.vae.config.latent_channels} latent channels but the "
                             f"checkpoint's UNet expects {self.latent_channels}; pass the VAE it was trained with")
         self.fmt = getattr(args, "output_format", "png")
+        # resolved now (cheap), not in setup(): the output folder's name carries it
+        self.device = pick_device(getattr(args, "device", "auto"))
+        self.precision = resolve_precision(args.mixed_precision, self.device)
         try:  # the training data's window (None: 8-bit data, or a checkpoint from before windows)
             self.window = writers.output_window(self.fmt, c["image_channels"], (c.get("config") or {}).get("intensity"),
                                                 args.checkpoint)
@@ -158,15 +173,16 @@ class Generator:
 
     def setup(self):
         """Move to the device, build the denoiser (heavy part, after all checks)."""
-        self.device = pick_device(getattr(self.args, "device", "auto"))
         setup_cuda_speedups(self.device)
-        prec = resolve_precision(self.args.mixed_precision, self.device)
+        prec = self.precision
         self.autocast = (lambda: autocast(prec, self.device)) if prec != "no" else None  # a factory: single-use contexts
         self.denoiser, self.used_ema = denoiser_from_checkpoint(self.ckpt, use_ema=not self.args.no_ema)
         self.denoiser.to(self.device)
         if self.device.type == "cuda":
             self.denoiser.unet.to(memory_format=torch.channels_last)
         self.vae.to(self.device)
+        if prec != "no":  # oneDNN bf16 convolutions: ~2x faster channels-last (AMX)
+            self.vae.to(memory_format=torch.channels_last)
         self.log(f"model: {'EMA' if self.used_ema else 'raw'} weights, {self.ckpt['num_classes']} classes, "
                  f"{self.ckpt['image_size']}px, latents {self.latent_channels}x{self.latent_size}x{self.latent_size}; "
                  f"sampler {self.args.scheduler} {self.args.num_inference_steps} steps, cfg {self.args.cfg_scale}, "
@@ -316,7 +332,7 @@ def run_interpolation(args):
     gen = Generator(args)
     mode, ca, cb, sa, sb = interpolation_request(args, gen.ckpt)
     names = gen.ckpt["class_names"]
-    folder = Path(args.output_dir).expanduser() / interpolation_tag(args.checkpoint, args.no_ema)
+    folder = Path(args.output_dir).expanduser() / interpolation_tag(args.checkpoint, args.no_ema, gen.precision)
     stem = interpolation_name(mode, names, ca, cb, sa, sb, args.num_inference_steps, args.cfg_scale,
                               args.interp_frames)
     png, gif = folder / f"{stem}.png", folder / f"{stem}.gif"
@@ -352,7 +368,7 @@ def main(argv=None):
     names = gen.ckpt["class_names"]
     classes = resolve_classes(gen.ckpt, [args.class_label] if args.class_label is not None else None)
     tag = sample_tag(args.checkpoint, args.scheduler, args.num_inference_steps, args.cfg_scale, args.seed,
-                     args.no_ema)
+                     args.no_ema, gen.precision)
     folder = Path(args.output_dir).expanduser() / tag
     check_writable(folder)
     gen.setup()

@@ -25,11 +25,13 @@ def per_class_counts(total, num_classes):
     return [total // num_classes + (1 if c < total % num_classes else 0) for c in range(num_classes)]
 
 
-def check_settings(out, args):
-    """Record the generation settings; refuse to mix images made with different ones into one folder."""
+def check_settings(out, args, precision=None):
+    """Record the generation settings (precision: the resolved one); refuse to mix settings in one folder."""
     path = out / "generation_settings.json"
     now = {k: (str(Path(v).expanduser().resolve()) if k == "checkpoint" else v)
            for k, v in vars(args).items() if k in SETTINGS_THAT_CHANGE_IMAGES}
+    if precision is not None:  # what ran, not what was asked: `auto` differs between machines
+        now["mixed_precision"] = precision
     if args.output_format != "png":  # recorded only when not png: folders of earlier versions stay valid
         now["output_format"] = args.output_format
     if path.is_file():
@@ -59,7 +61,7 @@ def main(argv=None):
     names = gen.ckpt["class_names"]
     classes = resolve_classes(gen.ckpt, args.classes)
     out = Path(args.output_dir).expanduser()
-    settings_path, settings = check_settings(out, args)
+    settings_path, settings = check_settings(out, args, gen.precision)
     for c in classes:
         check_writable(out / names[c])
     if not settings_path.is_file():

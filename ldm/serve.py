@@ -33,7 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--no_ema", action="store_true", help="use the raw weights even if EMA weights exist")
     p.add_argument("--batch_size", type=int, default=16, help="images per forward pass (as inference.py's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--mixed_precision", default="no", choices=["auto", "no", "fp16", "bf16"])
     p.add_argument("--trust_checkpoint", action="store_true", help="allow loading pickled checkpoints")
     p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS), help="the page's default sampler")
     p.add_argument("--num_inference_steps", type=int, default=50, help="the page's default steps")
@@ -71,7 +71,8 @@ class LDMBackend(serving.Backend):
         seeds = [image_seed(req.seed, c, j) for j in range(req.num_images)]
         images = self.gen.images([c] * len(seeds), seeds, scheduler=req.sampler, steps=req.steps,
                                  cfg_scale=req.guidance)
-        tag = sample_tag(self.args.checkpoint, req.sampler, req.steps, req.guidance, req.seed, self.args.no_ema)
+        tag = sample_tag(self.args.checkpoint, req.sampler, req.steps, req.guidance, req.seed, self.args.no_ema,
+                         self.gen.precision)
         name = self.names[c]
         return tag, [serving.Output(f"{name}_seed{s}.png", im, s, name) for s, im in zip(seeds, images)]
 
@@ -84,7 +85,8 @@ class LDMBackend(serving.Backend):
             seeds, labels = [sa], [self.names[ca], self.names[cb]]
         frames = self.gen.interpolation(req.mode, ca, sa, cb, sb, req.frames, steps=req.steps, cfg_scale=req.guidance)
         stem = interpolation_name(req.mode, self.names, ca, cb, sa, sb, req.steps, req.guidance, req.frames)
-        return interpolation_tag(self.args.checkpoint, self.args.no_ema), serving.Animation(stem, frames, seeds, labels)
+        tag = interpolation_tag(self.args.checkpoint, self.args.no_ema, self.gen.precision)
+        return tag, serving.Animation(stem, frames, seeds, labels)
 
 
 def main(argv=None):
