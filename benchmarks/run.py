@@ -26,12 +26,15 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("peak", "ddpm", "ldm", "controlnet", "dit", "eval", "memorization", "memory")
+PARTS = ("peak", "ddpm", "ldm", "controlnet", "dit", "eval", "memorization", "memory", "quality")
+# quality (steps to a target FD, issue 18) trains 7 models for ~30-35 min on 2 cores: only when asked for
+DEFAULT_PARTS = tuple(p for p in PARTS if p != "quality")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {','.join(PARTS)} (default: all)")
+    p.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                   help=f"comma list of {','.join(PARTS)} (default: all but quality, which takes ~35 min)")
     p.add_argument("--sizes", "--size", choices=["small", "paper"], default="paper",
                    help="paper: the issue's configurations (default); small: tiny ones, to check the harness")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per comparison (median); default 3")
@@ -207,6 +210,21 @@ def summarize(res):
         same = find(ld, variant="cached", precision="fp32", batch=b16 and b16["batch"])
         target("LDM UNet bf16 vs fp32 images/s (x)", ratio(b16 and b16["images_per_s"], same and same["images_per_s"]),
                1.5, f"both at batch {b16 and b16['batch']}")
+        f32, heads2 = find(ld, variant="cached", precision="fp32"), find(ld, variant="cached, 2 heads")
+        speedup = ratio(heads2 and heads2["images_per_s"], f32 and f32["images_per_s"])
+        target("LDM UNet fp32 training MFU", f32 and f32["mfu"], 0.60,
+               f"batch {f32 and f32['batch']}; with 2 attention heads instead of 8 (a model change): "
+               f"{mfu_text(heads2 and heads2['mfu'])}, {_fmt(speedup)}x the images/s")
+    for part in ("ldm", "dit"):  # issue 18: bf16 sampling, denoiser steps + VAE decode, as the CLIs run it
+        sm = res.get(part, {}).get("sampling", [])
+        f32, b16 = (find(sm, sampler="ddim", steps=50, precision=p) for p in ("fp32", "bf16"))
+        if f32:
+            name = f32["name"].split(" ")[0] if part == "dit" else "LDM"
+            steps = ratio(b16 and b16["latent_images_per_s"], f32["latent_images_per_s"])
+            dec = ratio(f32["decode_s_per_image"], b16 and b16["decode_s_per_image"])
+            target(f"{name} sampling bf16 vs fp32, DDIM-50 + VAE decode (x)",
+                   ratio(b16 and b16["images_per_s"], f32["images_per_s"]), 1.7,
+                   f"batch {f32['batch']}; denoiser steps alone {_fmt(steps)}x, decode alone {_fmt(dec)}x")
     ev = res.get("eval", {}).get("eval")
     if ev:
         target("evaluation: one pass vs pytorch-fid + separate VGG16 pass (x)",
@@ -216,6 +234,15 @@ def summarize(res):
                ratio(ev["baseline/cached"]["total_s"], ev["ours/cached"]["total_s"]), 1.8,
                f"vs the uncached baseline: {_fmt(ratio(ev['baseline']['total_s'], ev['ours/cached']['total_s']))}x; "
                f"extraction only: {_fmt(ratio(ev['baseline/cached']['median_s'], ev['ours/cached']['median_s']))}x")
+    for fam, name in (("ddpm", "DDPM min-SNR / v-prediction"), ("dit", "DiT flow matching (+REPA)")):
+        f = res.get("quality", {}).get("families", {}).get(fam)
+        if f:
+            best = f.get("best_ratio") or {}
+            target(f"quality: {name}, steps to the baseline's final FD / baseline steps", best.get("ratio"), 0.5,
+                   (f"best: {best['variant']}{' (upper bound)' if best.get('upper_bound') else ''}; " if best else
+                    "no variant reached it; ") + f"baseline "
+                   f"{f['variants'][0]['name']} FD {_fmt(f.get('target_fd'), '.1f')} at {f['steps'][-1]} steps",
+                   at_most=True)
     audit = res.get("memorization", {})
     rgb = audit.get("memorization", {}).get("pixel/rgb")
     if rgb:
@@ -268,17 +295,20 @@ def table(res, targets):
                          f"{_fmt(r['flops_per_image'] and r['flops_per_image'] / 1e9, '.2f'):>11}"
                          f"{_fmt(r.get('achieved_gflops'), '.1f'):>9}{mfu_text(r.get('mfu')):>7}")
     lines.append("")
-    hdr = f"{'sampling (fp32, timed steps scaled)':<38}{'batch':>6}{'s/step':>9}{'img/s':>10}{'latent img/s':>14}"
+    hdr = f"{'sampling (timed steps scaled)':<38}{'prec':>6}{'batch':>6}{'s/step':>9}{'img/s':>10}{'latent img/s':>14}"
     lines.append(hdr)
     lines.append("-" * len(hdr))
     for part in ("ddpm", "ldm", "controlnet", "dit"):
         for r in res.get(part, {}).get("sampling", []):
-            lines.append(f"{r['name'][:38]:<38}{r['batch']:>6}{r['seconds_per_step']:>9.3f}"
+            lines.append(f"{r['name'][:38]:<38}{r.get('precision', 'fp32'):>6}{r['batch']:>6}"
+                         f"{r['seconds_per_step']:>9.3f}"
                          f"{_fmt(r.get('images_per_s'), '.4f'):>10}{_fmt(r.get('latent_images_per_s'), '.4f'):>14}")
     for part in ("ldm", "dit"):
         s = res.get(part, {}).get("sampling")
         if s:
-            lines.append(f"  {part}: VAE decode {s[0]['decode_s_per_image']:.2f} s/image is included in img/s")
+            dec = {r.get("precision", "fp32"): r["decode_s_per_image"] for r in s}
+            lines.append(f"  {part}: VAE decode " + ", ".join(f"{v:.2f} s/image in {p}" for p, v in dec.items())
+                         + " is included in img/s")
     ev = res.get("eval", {}).get("eval")
     if ev:
         lines.append("")
@@ -304,6 +334,8 @@ def table(res, targets):
         for r in mem:
             lines.append(f"  {r['images']:>6} images: peak RSS {r['peak_rss_mb']:.0f} MB, {r['seconds']:.1f} s, "
                          f"{r['pngs_written']} PNGs")
+    if res.get("quality", {}).get("text"):
+        lines += ["", res["quality"]["text"]]
     for part in res["parts"]:
         if "error" in res.get(part, {}):
             lines.append(f"part {part} FAILED: {res[part]['error']}")
