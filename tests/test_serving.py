@@ -114,7 +114,7 @@ def test_bad_requests_are_one_message_4xx_and_the_server_keeps_answering(auth_se
         ("negative guidance", post({"guidance": -1}), 400, "'guidance' must be between 0"),
         ("NaN guidance", requests.post(url, data=b'{"guidance": NaN}', auth=AUTH, timeout=60,
                                        headers={"Content-Type": "application/json"}), 400, "'guidance' must be a number"),
-        ("unknown sampler", post({"sampler": "euler"}), 400, "unknown sampler 'euler'; valid: ddim, ddpm"),
+        ("unknown sampler", post({"sampler": "euler"}), 400, "unknown sampler 'euler'; valid: ddim, dpmsolver, ddpm"),
         ("a checkpoint path", post({"checkpoint": "/etc/passwd"}), 400, "looks like a file path"),
         ("a model path", post({"model": "../models/x.pt"}), 400, "only uses the checkpoints given at start"),
         ("a path as class", post({"class": "../../etc/passwd"}), 400, "'class' looks like a file path"),
